@@ -1,0 +1,1 @@
+"""Experiment runners and benchmarks (scripts that print numbers and write JSON)."""

@@ -1,0 +1,1 @@
+"""Lumos core: data, split, evaluation, the training loop, results and the CLI."""

@@ -1,0 +1,170 @@
+"""The ``lumos`` command line.
+
+Subcommands::
+
+    lumos train --strategy centralized-sasrec --data synthetic --out runs/demo
+    lumos data stats PATH
+    lumos data download ml-100k
+    lumos data synthetic --out DIR
+
+User mistakes (bad paths, malformed files, unknown options, no network) end with one
+``lumos: error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lumosrec import download as downloads
+from lumosrec.dataset import Dataset, load_dataset
+from lumosrec.errors import ConfigError, LumosError
+from lumosrec.synthetic import SyntheticConfig, generate, write_folder
+
+log = logging.getLogger("lumos")
+
+SYNTHETIC = "synthetic"
+
+
+def resolve_data(spec: str, items: str | None = None, seed: int = SyntheticConfig.seed) -> Dataset:
+    """``synthetic``, a downloaded dataset's name, or a path to a folder / sequences file."""
+    if spec == SYNTHETIC:
+        return generate(SyntheticConfig(seed=seed))
+    path = Path(spec)
+    if not path.exists() and spec in downloads.DATASETS:
+        cached = downloads.default_cache_dir() / spec
+        if not (cached / "interactions.csv").is_file():
+            raise ConfigError(f"dataset {spec} is not downloaded yet; run: lumos data download {spec}")
+        path = cached
+    return load_dataset(path, items)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from lumosrec.centralized import STRATEGIES
+
+    parser = subparsers.add_parser("train", help="train and evaluate one strategy centrally")
+    parser.add_argument("--strategy", default="centralized-sasrec", choices=sorted(STRATEGIES))
+    parser.add_argument("--data", default=SYNTHETIC, help="'synthetic', a downloaded dataset name, or a path")
+    parser.add_argument("--items", help="items.csv to use with a sequences file")
+    parser.add_argument("--out", required=True, help="run directory (config, metrics, model, result)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping usually ends sooner")
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--hidden-size", type=int)
+    parser.add_argument("--num-layers", type=int)
+    parser.add_argument("--num-heads", type=int)
+    parser.add_argument("--inner-size", type=int)
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--cl-weight", type=float, help="CL4SRec lambda")
+    parser.add_argument("--temperature", type=float, help="CL4SRec tau")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lumosrec.centralized import result_table, run_centralized
+    from lumosrec.training import TrainConfig
+
+    for name in ("max_len", "epochs", "batch_size", "patience"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    dataset = resolve_data(args.data, args.items)
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        patience=args.patience,
+        max_len=args.max_len,
+        seed=args.seed,
+        device=args.device,
+    )
+    hyper_names = ("hidden_size", "num_layers", "num_heads", "inner_size", "dropout", "cl_weight", "temperature")
+    hyper = {name: getattr(args, name) for name in hyper_names if getattr(args, name) is not None}
+    log.info("%s on %s: %d users, %d items", args.strategy, dataset.name, dataset.num_users, dataset.num_items)
+    try:
+        result = run_centralized(args.strategy, dataset, args.out, train, hyper, args.overwrite, not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; config and per-epoch metrics so far are in {args.out}", file=sys.stderr)
+        return 130
+    print(f"\n{args.strategy} on {dataset.name}: best epoch {result['best_epoch']} of {result['epochs']}, "
+          f"{result['seconds_per_epoch']:.1f} s/epoch, peak {result['peak_rss_mb']:.0f} MB")
+    print(result_table(result))
+    print(f"\nresults: {Path(args.out) / 'result.json'}")
+    return 0
+
+
+def _add_data(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="inspect, download or generate datasets")
+    data = parser.add_subparsers(dest="data_command", required=True)
+    stats = data.add_parser("stats", help="users, items, interactions, lengths, text coverage")
+    stats.add_argument("path", help="'synthetic', a downloaded dataset name, or a path")
+    stats.add_argument("--items", help="items.csv to use with a sequences file")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(handler=_stats)
+    fetch = data.add_parser("download", help="fetch a public dataset and convert it")
+    fetch.add_argument("name", choices=sorted(downloads.DATASETS))
+    fetch.add_argument("--cache-dir", type=Path, help="default: $LUMOS_CACHE_DIR or ~/.cache/lumos/datasets")
+    fetch.add_argument("--force", action="store_true", help="download and convert again")
+    fetch.set_defaults(handler=_download)
+    synthetic = data.add_parser("synthetic", help="write the embedded default dataset as a folder")
+    synthetic.add_argument("--out", required=True, type=Path)
+    synthetic.add_argument("--seed", type=int, default=SyntheticConfig.seed)
+    synthetic.set_defaults(handler=_synthetic)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    stats = resolve_data(args.path, args.items).stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        width = max(len(k) for k in stats)
+        for key, value in stats.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    path = downloads.download(args.name, args.cache_dir, force=args.force)
+    print(f"{args.name} ready in {path}")
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    path = write_folder(generate(SyntheticConfig(seed=args.seed)), args.out)
+    print(f"synthetic dataset written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lumos", description="Federated sequential recommendation with on-device LLM views.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train(subparsers)
+    _add_data(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.handler(args)
+    except LumosError as error:
+        print(f"lumos: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

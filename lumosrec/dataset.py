@@ -1,0 +1,274 @@
+"""Reading interaction data into chronological per-user item sequences.
+
+Two input formats are accepted (see ``../shared/DESIGN.md`` §1):
+
+* a folder with ``interactions.csv`` (``user_id,item_id,timestamp``) and an optional
+  ``items.csv`` (``item_id,title,categories``, categories ``|``-separated);
+* a one-line-per-user benchmark file (``user item item ...``, e.g. ``Beauty.txt``), with an
+  optional ``items.csv`` beside it or given explicitly.
+
+Users are ordered by time (ties keep file order), items are re-indexed ``1..N`` in the
+order of their original ids (``0`` is padding), and users with fewer than
+:data:`MIN_INTERACTIONS` interactions are dropped and reported. Every malformed input
+raises :class:`~lumosrec.errors.DataError` naming the file, line and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lumosrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Leave-one-out needs a training item, a validation item and a test item.
+MIN_INTERACTIONS = 3
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+ITEM_COLUMNS = ("item_id", "title", "categories")
+
+
+@dataclass
+class Dataset:
+    """Chronological item sequences of every kept user, plus item text.
+
+    Attributes
+    ----------
+    name : str
+        Human-readable name (the folder or file name).
+    sequences : list of numpy.ndarray
+        One int64 array of item indices (``1..num_items``) per user, oldest first.
+    user_ids : list of str
+        Original user id of each sequence.
+    item_ids : list of str
+        Original item id of each index; ``item_ids[0]`` is the padding placeholder ``""``.
+    titles, categories : list
+        Item text by index (empty string / empty tuple when unknown).
+    dropped_users : dict
+        Original user id -> number of interactions, for users dropped as too short.
+    """
+
+    name: str
+    sequences: list[np.ndarray]
+    user_ids: list[str]
+    item_ids: list[str]
+    titles: list[str]
+    categories: list[tuple[str, ...]]
+    dropped_users: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def stats(self) -> dict[str, float | int | str]:
+        """Summary statistics, as printed by ``lumos data stats``."""
+        lengths = np.array([len(s) for s in self.sequences])
+        items = range(1, self.num_items + 1)
+        return {
+            "dataset": self.name,
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": self.num_interactions,
+            "avg_length": round(float(lengths.mean()), 2),
+            "median_length": float(np.median(lengths)),
+            "max_length": int(lengths.max()),
+            "density": round(self.num_interactions / (self.num_users * self.num_items), 6),
+            "title_coverage": round(sum(bool(self.titles[i]) for i in items) / self.num_items, 4),
+            "category_coverage": round(sum(bool(self.categories[i]) for i in items) / self.num_items, 4),
+            "dropped_users": len(self.dropped_users),
+        }
+
+
+@dataclass
+class _ItemText:
+    titles: dict[str, str]
+    categories: dict[str, tuple[str, ...]]
+
+
+def load_dataset(path: str | Path, items_path: str | Path | None = None) -> Dataset:
+    """Load a dataset folder or a one-line-per-user sequences file.
+
+    Parameters
+    ----------
+    path : str or Path
+        A folder holding ``interactions.csv`` (and usually ``items.csv``), or a
+        whitespace-separated sequences file.
+    items_path : str or Path, optional
+        An ``items.csv`` to use instead of the one found beside the interactions.
+
+    Returns
+    -------
+    Dataset
+        Users with at least :data:`MIN_INTERACTIONS` interactions; the others are listed in
+        ``Dataset.dropped_users`` and logged.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        interactions = path / "interactions.csv"
+        if not interactions.is_file():
+            raise DataError(
+                f"{path}: interactions.csv not found (expected a folder with interactions.csv "
+                "and items.csv, or a one-line-per-user sequences file)"
+            )
+        default_items = path / "items.csv"
+        user_items = _read_interactions(interactions)
+        source = interactions
+    else:
+        default_items = path.parent / "items.csv"
+        user_items = _read_sequences_file(path)
+        source = path
+    if items_path is not None:
+        items_path = Path(items_path)
+        if not items_path.is_file():
+            raise DataError(f"{items_path}: no such items file")
+    elif default_items.is_file():
+        items_path = default_items
+    text = _read_items(items_path) if items_path is not None else None
+    if text is None:
+        log.warning("%s: no items.csv, items have no text", path)
+    name = path.name if path.is_dir() else path.stem
+    return _index(name, user_items, text, source, items_path)
+
+
+def _open_csv(path: Path, expected: tuple[str, ...]) -> tuple:
+    """Open a CSV, check its header and return (reader, handle, column positions)."""
+    handle = open(path, newline="", encoding="utf-8")
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if header is None:
+        handle.close()
+        raise DataError(f"{path}: file is empty (expected a header line {','.join(expected)})")
+    header = [column.strip().lstrip("\ufeff") for column in header]
+    missing = [column for column in expected if column not in header]
+    if missing:
+        handle.close()
+        raise DataError(
+            f"{path} line 1: missing column(s) {', '.join(missing)}; expected "
+            f"{','.join(expected)}, found {','.join(header)}"
+        )
+    return reader, handle, [header.index(column) for column in expected]
+
+
+def _parse_int(value: str, path: Path, line: int, column: str) -> str:
+    value = value.strip()
+    if not value:
+        raise DataError(f"{path} line {line}, column {column}: empty value")
+    try:
+        int(value)
+    except ValueError:
+        raise DataError(f"{path} line {line}, column {column}: {value!r} is not an integer id") from None
+    return value
+
+
+def _read_interactions(path: Path) -> dict[str, list[tuple[float, int, str]]]:
+    """Return user -> [(timestamp, line, item)] read from ``interactions.csv``."""
+    reader, handle, (user_col, item_col, time_col) = _open_csv(path, INTERACTION_COLUMNS)
+    width = max(user_col, item_col, time_col) + 1
+    user_items: dict[str, list[tuple[float, int, str]]] = {}
+    seen: dict[tuple[str, str, str], int] = {}
+    with handle:
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < width:
+                raise DataError(f"{path} line {line}: expected {width} columns, found {len(row)}")
+            user = _parse_int(row[user_col], path, line, "user_id")
+            item = _parse_int(row[item_col], path, line, "item_id")
+            stamp = row[time_col].strip()
+            try:
+                timestamp = float(stamp)
+            except ValueError:
+                raise DataError(f"{path} line {line}, column timestamp: {stamp!r} is not a number") from None
+            key = (user, item, stamp)
+            if key in seen:
+                raise DataError(f"{path} line {line}: duplicate of line {seen[key]} ({','.join(key)})")
+            seen[key] = line
+            user_items.setdefault(user, []).append((timestamp, line, item))
+    if not user_items:
+        raise DataError(f"{path}: no interactions after the header")
+    return user_items
+
+
+def _read_sequences_file(path: Path) -> dict[str, list[tuple[float, int, str]]]:
+    """Return user -> [(order, line, item)] read from a ``user item item ...`` file."""
+    user_items: dict[str, list[tuple[float, int, str]]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            fields = text.split()
+            if not fields:
+                continue
+            user = _parse_int(fields[0], path, line, "1 (user)")
+            if user in user_items:
+                raise DataError(f"{path} line {line}: user {user} already has a line")
+            user_items[user] = [
+                (float(position), line, _parse_int(item, path, line, str(position + 2)))
+                for position, item in enumerate(fields[1:])
+            ]
+    if not user_items:
+        raise DataError(f"{path}: file is empty (expected lines 'user item item ...')")
+    return user_items
+
+
+def _read_items(path: Path) -> _ItemText:
+    reader, handle, (id_col, title_col, category_col) = _open_csv(path, ITEM_COLUMNS)
+    titles: dict[str, str] = {}
+    categories: dict[str, tuple[str, ...]] = {}
+    with handle:
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) <= id_col:
+                raise DataError(f"{path} line {line}: expected {len(ITEM_COLUMNS)} columns, found {len(row)}")
+            item = _parse_int(row[id_col], path, line, "item_id")
+            if item in titles:
+                raise DataError(f"{path} line {line}: item_id {item} is listed twice")
+            titles[item] = row[title_col].strip() if len(row) > title_col else ""
+            raw = row[category_col] if len(row) > category_col else ""
+            categories[item] = tuple(c.strip() for c in raw.split("|") if c.strip())
+    return _ItemText(titles, categories)
+
+
+def _index(
+    name: str,
+    user_items: dict[str, list[tuple[float, int, str]]],
+    text: _ItemText | None,
+    source: Path,
+    items_path: Path | None,
+) -> Dataset:
+    """Drop short users, check items against the catalog, re-index items 1..N."""
+    if text is not None:
+        for events in user_items.values():
+            for _, line, item in events:
+                if item not in text.titles:
+                    raise DataError(
+                        f"{source} line {line}: item {item} is not in {items_path}"
+                    )
+    dropped = {u: len(e) for u, e in user_items.items() if len(e) < MIN_INTERACTIONS}
+    kept = {u: sorted(e) for u, e in user_items.items() if len(e) >= MIN_INTERACTIONS}
+    if dropped:
+        log.warning(
+            "%s: dropped %d user(s) with fewer than %d interactions", name, len(dropped), MIN_INTERACTIONS
+        )
+    if not kept:
+        raise DataError(f"{name}: no user has at least {MIN_INTERACTIONS} interactions")
+    item_ids = sorted({item for events in kept.values() for _, _, item in events}, key=int)
+    index = {item: i for i, item in enumerate(item_ids, start=1)}
+    users = sorted(kept, key=int)
+    sequences = [np.array([index[item] for _, _, item in kept[u]], dtype=np.int64) for u in users]
+    titles = [""] + [text.titles.get(i, "") if text else "" for i in item_ids]
+    categories = [()] + [text.categories.get(i, ()) if text else () for i in item_ids]
+    return Dataset(name, sequences, users, [""] + item_ids, titles, categories, dropped)

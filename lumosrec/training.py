@@ -1,0 +1,152 @@
+"""The one training loop: Adam, early stopping on validation MRR@10, best checkpoint kept.
+
+Every strategy trains through :func:`fit`; models differ only in their ``loss`` method
+(next-item cross-entropy for SASRec, plus contrastive terms for CL4SRec and later LUMOS).
+Federated clients reuse :func:`train_epochs` for their local steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lumosrec.batching import PrefixSamples
+from lumosrec.evaluation import LeaveOneOut, evaluate
+
+log = logging.getLogger(__name__)
+
+EARLY_STOPPING_METRIC = "MRR@10"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (DESIGN.md / RecBole defaults)."""
+
+    epochs: int = 200
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10
+    max_len: int = 50
+    seed: int = 2024
+    device: str = "auto"
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind: the best weights and the per-epoch history."""
+
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def seconds_per_epoch(self) -> list[float]:
+        return [row["train_seconds"] for row in self.history]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a run is repeatable on the same hardware."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU with one thread per available core."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return device
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    samples: PrefixSamples,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    device: torch.device,
+    progress: bool = False,
+    description: str = "train",
+) -> tuple[float, int]:
+    """Run ``epochs`` passes over ``samples``; return (mean loss, number of samples seen)."""
+    model.train()
+    total_loss, seen = 0.0, 0
+    for _ in range(epochs):
+        batches = list(samples.epoch(batch_size, rng))
+        for indices in tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch"):
+            items, lengths, targets, _ = samples.batch(indices)
+            loss = model.loss(items.to(device), lengths.to(device), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(indices)
+            seen += len(indices)
+    return total_loss / max(seen, 1), seen
+
+
+def fit(
+    model: torch.nn.Module,
+    split: LeaveOneOut,
+    config: TrainConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` on every training prefix until validation MRR@10 stops improving.
+
+    Parameters
+    ----------
+    on_epoch : callable, optional
+        Called with each epoch's row (loss, validation metrics, timings) as soon as it
+        exists, so that a run's metrics are on disk even if the run is interrupted.
+    """
+    device = pick_device(config.device)
+    model.to(device)
+    samples = PrefixSamples(split.train, config.max_len)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    best = FitResult(best_epoch=0, best_state=copy.deepcopy(model.state_dict()))
+    best_score, waited = -1.0, 0
+    epochs = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress, unit="epoch")
+    for epoch in epochs:
+        started = time.perf_counter()
+        loss, _ = train_epochs(model, optimizer, samples, 1, config.batch_size, rng, device, progress)
+        train_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        valid = evaluate(model, split, "valid", config.max_len, device=device)
+        row = {
+            "epoch": epoch,
+            "loss": loss,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - started,
+            "valid": valid,
+        }
+        best.history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        score = valid["unmasked"][EARLY_STOPPING_METRIC]
+        if score > best_score:
+            best_score, waited = score, 0
+            best.best_epoch, best.best_state = epoch, copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+        epochs.set_postfix(loss=f"{loss:.3f}", mrr10=f"{score:.4f}", best=best.best_epoch)
+        log.info("epoch %d loss %.4f valid MRR@10 %.4f (%.1fs)", epoch, loss, score, train_seconds)
+        if waited >= config.patience:
+            log.info("early stop: no improvement for %d epochs, best epoch %d", config.patience, best.best_epoch)
+            break
+    model.load_state_dict(best.best_state)
+    return best

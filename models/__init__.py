@@ -1,0 +1,1 @@
+"""Sequential recommenders: SASRec, CL4SRec, baselines, and the losses beside them."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp: aggregation strategies, checkpoints, results (DESIGN.md §3)."""

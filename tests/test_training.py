@@ -1,0 +1,100 @@
+"""End-to-end: the embedded default dataset, the training loop and the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lumosrec.centralized import run_centralized
+from lumosrec.cli import main
+from lumosrec.dataset import load_dataset
+from lumosrec.results import RESULT_KEYS
+from lumosrec.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.training import TrainConfig
+
+SMALL = SyntheticConfig(num_users=500, seed=7)
+
+
+def test_synthetic_is_deterministic_and_readable() -> None:
+    first, second = generate(SMALL), generate(SMALL)
+    assert all(np.array_equal(a, b) for a, b in zip(first.sequences, second.sequences))
+    other = generate(SyntheticConfig(num_users=500, seed=8))
+    assert not all(np.array_equal(a, b) for a, b in zip(first.sequences, other.sequences))
+    assert len(set(first.titles[1:])) == first.num_items  # unique, readable titles
+    assert all(first.categories[1:]) and " " in first.titles[1]
+
+
+def test_synthetic_round_trips_through_the_folder_format(tmp_path: Path) -> None:
+    dataset = generate(SMALL)
+    loaded = load_dataset(write_folder(dataset, tmp_path / "syn"))
+    assert loaded.num_users == dataset.num_users and loaded.num_items == dataset.num_items
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.sequences, dataset.sequences))
+    assert loaded.titles == dataset.titles
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    result = run_centralized(
+        "centralized-sasrec", generate(SMALL), out, TrainConfig(epochs=12, seed=1), progress=False
+    )
+    return out, result
+
+
+def test_sasrec_beats_popularity_on_synthetic(sasrec_run: tuple[Path, dict]) -> None:
+    _, result = sasrec_run
+    for protocol in ("unmasked", "masked"):
+        sasrec = result["test"][protocol]
+        popularity = result["baselines"]["popularity"]["test"][protocol]
+        assert sasrec["HR@10"] > 2 * popularity["HR@10"]
+        assert sasrec["NDCG@10"] > 2 * popularity["NDCG@10"]
+
+
+def test_run_directory_schema(sasrec_run: tuple[Path, dict]) -> None:
+    out, result = sasrec_run
+    on_disk = json.loads((out / "result.json").read_text())
+    assert set(RESULT_KEYS) <= set(on_disk)
+    assert on_disk["test"] == result["test"]
+    assert set(on_disk["test"]) == {"unmasked", "masked"}
+    assert set(on_disk["test"]["masked"]) == {"HR@10", "HR@20", "NDCG@10", "NDCG@20", "MRR@10"}
+    history = json.loads((out / "metrics.json").read_text())
+    assert len(history) == on_disk["epochs"]
+    assert on_disk["valid"] == history[on_disk["best_epoch"] - 1]["valid"]
+    best_mrr = max(row["valid"]["unmasked"]["MRR@10"] for row in history)
+    assert on_disk["valid"]["unmasked"]["MRR@10"] == best_mrr
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["seed"] == 1 and config["versions"]["torch"]
+    assert (out / "model.pt").stat().st_size > 0
+
+
+def test_cli_train_cl4srec_and_refuse_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_folder(generate(SyntheticConfig(num_users=120, seed=3)), tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", "--strategy", "centralized-cl4srec", "--data", str(data), "--out", str(out), "--epochs", "2", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "centralized-cl4srec" in printed and "popularity" in printed
+    assert json.loads((out / "result.json").read_text())["strategy"] == "centralized-cl4srec"
+    assert main(args) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "interactions.csv").write_text("user_id,item,timestamp\n1,2,3\n")
+    assert main(["data", "stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lumos: error:") and "missing column(s) item_id" in err and "\n" not in err
+    assert main(["train", "--data", "ml-1m", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "lumos data download ml-1m" in capsys.readouterr().err
+
+
+def test_real_data_stats_when_available() -> None:
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "ml-100k").is_dir():
+        pytest.skip("../shared/data is not beside the checkout")
+    stats = load_dataset(SHARED_DATA / "ml-100k").stats()
+    assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100000)
