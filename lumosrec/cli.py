@@ -6,6 +6,7 @@ Subcommands::
     lumos data stats PATH
     lumos data download ml-100k
     lumos data synthetic --out DIR
+    lumos simulate --data synthetic --rounds 10 --out runs/fed
 
 User mistakes (bad paths, malformed files, unknown options, no network) end with one
 ``lumos: error: ...`` line and exit status 2, never a traceback.
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
+import tomllib
 from pathlib import Path
 
 from lumosrec import download as downloads
@@ -101,6 +104,112 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("simulate", help="federated run on Flower's Ray simulation runtime")
+    parser.add_argument("--data", help="'synthetic', a downloaded dataset name, or a path")
+    parser.add_argument("--out", help="run directory (metrics, checkpoint, model, result)")
+    parser.add_argument("--rounds", type=int, help="num-server-rounds")
+    parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, ... (see pyproject.toml)")
+    parser.add_argument("--users-per-client", type=int, help="users grouped into one virtual client")
+    parser.add_argument("--fraction-train", type=float, help="share of clients trained per round")
+    parser.add_argument("--local-epochs", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--run-config", default="", help="more overrides, TOML-typed: 'lr=0.01 strategy=\"fedprox\"'")
+    parser.add_argument("--num-supernodes", type=int, help="default: users / users-per-client")
+    parser.add_argument("--ray-address", help="attach to a running Ray cluster (host:port)")
+    parser.add_argument("--client-cpus", type=int, help="CPUs per virtual client (Flower default 2)")
+    parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds before the run is abandoned")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_simulate)
+
+
+def _parse_overrides(text: str) -> dict:
+    overrides = {}
+    for pair in shlex.split(text):
+        try:
+            overrides.update(tomllib.loads(pair))
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"--run-config: cannot read {pair!r}; expected key=value with a TOML value") from None
+    return overrides
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from lumosrec.centralized import result_table
+    from lumosrec.simulate import simulate
+
+    named = {
+        "data": args.data, "out-dir": args.out, "num-server-rounds": args.rounds, "strategy": args.strategy,
+        "users-per-client": args.users_per_client, "fraction-train": args.fraction_train,
+        "local-epochs": args.local_epochs, "seed": args.seed,
+    }
+    overrides = {**_parse_overrides(args.run_config), **{k: v for k, v in named.items() if v is not None}}
+    result = simulate(overrides, args.num_supernodes, args.ray_address, args.client_cpus, args.timeout, not args.quiet)
+    print(f"\n{result['strategy']} on {result['dataset']}: best round {result['best_epoch']} of {result['epochs']}, "
+          f"{result['seconds_per_epoch']:.1f} s/round, {result['failures']} client failures")
+    print(result_table(result))
+    return 0
+
+
+def _add_deploy(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("deploy", help="Flower deployment: certificates, node data, loopback run")
+    deploy = parser.add_subparsers(dest="deploy_command", required=True)
+    certs = deploy.add_parser("certs", help="self-signed CA + SuperLink certificate")
+    certs.add_argument("--out", required=True, type=Path)
+    certs.add_argument("--host", action="append", help="SuperLink host name or IP for the certificate (repeatable)")
+    certs.set_defaults(handler=_deploy_certs)
+    split = deploy.add_parser("split", help="one data folder per node plus the catalog for the server")
+    split.add_argument("--data", default=SYNTHETIC)
+    split.add_argument("--nodes", type=int, required=True)
+    split.add_argument("--out", required=True, type=Path)
+    split.set_defaults(handler=_deploy_split)
+    local = deploy.add_parser("local", help="SuperLink + SuperNodes on 127.0.0.1 (TLS), run the app, stop")
+    local.add_argument("--data", default=SYNTHETIC)
+    local.add_argument("--nodes", type=int, default=2)
+    local.add_argument("--rounds", type=int, default=2)
+    local.add_argument("--workdir", type=Path, default=Path("runs/deploy-local"))
+    local.add_argument("--run-config", default="", help="more overrides, TOML-typed")
+    local.add_argument("--insecure", action="store_true", help="no TLS")
+    local.set_defaults(handler=_deploy_local)
+
+
+def _deploy_certs(args: argparse.Namespace) -> int:
+    from lumosrec.deployment import make_certificates
+
+    hosts = tuple(args.host or ("localhost", "127.0.0.1", "superlink"))
+    certs = make_certificates(args.out, hosts)
+    print(f"CA {certs.ca}, SuperLink certificate {certs.cert} for {', '.join(hosts)}")
+    return 0
+
+
+def _deploy_split(args: argparse.Namespace) -> int:
+    from lumosrec.deployment import split_nodes
+
+    folders = split_nodes(resolve_data(args.data), args.nodes, args.out)
+    print(f"{len(folders)} node folders and the catalog written to {args.out}")
+    return 0
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    from lumosrec.centralized import result_table
+    from lumosrec.deployment import LoopbackDeployment, split_nodes
+    from lumosrec.federated import APP_DIR
+
+    workdir = args.workdir.resolve()
+    folders = split_nodes(resolve_data(args.data), args.nodes, workdir / "data")
+    out = workdir / "run"
+    overrides = {
+        "catalog": str(workdir / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": args.rounds,
+        "fraction-train": 1.0, "min-nodes": args.nodes, **_parse_overrides(args.run_config),
+    }
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    with LoopbackDeployment(folders, workdir / "processes", tls=not args.insecure) as deployment:
+        status = deployment.run(APP_DIR, run_config)
+    if status != "finished:completed" or not (out / "result.json").is_file():
+        raise LumosError(f"deployment run ended with status {status}; logs in {workdir / 'processes'}")
+    print(result_table(json.loads((out / "result.json").read_text())))
+    return 0
+
+
 def _add_data(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="inspect, download or generate datasets")
     data = parser.add_subparsers(dest="data_command", required=True)
@@ -148,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
+    _add_simulate(subparsers)
+    _add_deploy(subparsers)
     _add_data(subparsers)
     return parser
 

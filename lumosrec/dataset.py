@@ -8,7 +8,8 @@ Two input formats are accepted (see ``../shared/DESIGN.md`` §1):
   optional ``items.csv`` beside it or given explicitly.
 
 Users are ordered by time (ties keep file order), items are re-indexed ``1..N`` in the
-order of their original ids (``0`` is padding), and users with fewer than
+order of their original ids (``0`` is padding) — every item of ``items.csv`` when there is
+one, so that nodes holding different users agree on the index — and users with fewer than
 :data:`MIN_INTERACTIONS` interactions are dropped and reported. Every malformed input
 raises :class:`~lumosrec.errors.DataError` naming the file, line and column.
 """
@@ -265,10 +266,26 @@ def _index(
         )
     if not kept:
         raise DataError(f"{name}: no user has at least {MIN_INTERACTIONS} interactions")
-    item_ids = sorted({item for events in kept.values() for _, _, item in events}, key=int)
+    # The catalog is public and shared by every federated node, so when it is known it fixes
+    # the item index; otherwise the interacted items do.
+    catalog = text.titles if text is not None else {item for events in kept.values() for _, _, item in events}
+    item_ids = sorted(catalog, key=int)
     index = {item: i for i, item in enumerate(item_ids, start=1)}
     users = sorted(kept, key=int)
     sequences = [np.array([index[item] for _, _, item in kept[u]], dtype=np.int64) for u in users]
     titles = [""] + [text.titles.get(i, "") if text else "" for i in item_ids]
     categories = [()] + [text.categories.get(i, ()) if text else () for i in item_ids]
     return Dataset(name, sequences, users, [""] + item_ids, titles, categories, dropped)
+
+
+def catalog_size(path: str | Path) -> int:
+    """Number of items in a catalog (``items.csv``, or a folder holding one).
+
+    A deployed server knows the public catalog but no user's interactions; the catalog alone
+    fixes the item index, exactly as :func:`load_dataset` builds it on the nodes.
+    """
+    path = Path(path)
+    items = path / "items.csv" if path.is_dir() else path
+    if not items.is_file():
+        raise DataError(f"{items}: no such items file")
+    return len(_read_items(items).titles)

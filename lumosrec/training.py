@@ -81,8 +81,12 @@ def train_epochs(
     device: torch.device,
     progress: bool = False,
     description: str = "train",
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
-    """Run ``epochs`` passes over ``samples``; return (mean loss, number of samples seen)."""
+    """Run ``epochs`` passes over ``samples``; return (mean loss, number of samples seen).
+
+    ``regularizer`` adds a term to every batch's loss (FedProx's proximal term).
+    """
     model.train()
     total_loss, seen = 0.0, 0
     for _ in range(epochs):
@@ -90,6 +94,8 @@ def train_epochs(
         for indices in tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch"):
             items, lengths, targets, _ = samples.batch(indices)
             loss = model.loss(items.to(device), lengths.to(device), targets.to(device))
+            if regularizer is not None:
+                loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

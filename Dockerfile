@@ -1,0 +1,16 @@
+# One image for every Lumos process: SuperLink, SuperNodes, and the SuperExecs that run the
+# ServerApp and ClientApps (process isolation). Build: docker compose build
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends openssl curl && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+# CPU torch from PyTorch's CPU index: PyPI's Linux wheel would pull several GB of CUDA libraries.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY lumosrec lumosrec
+COPY models models
+COPY server server
+COPY client client
+COPY augment augment
+COPY experiments experiments
+RUN pip install --no-cache-dir -e .
+ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1

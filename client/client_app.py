@@ -1,0 +1,107 @@
+"""Flower ClientApp: local SASRec training and full-ranking evaluation on a node's own users.
+
+Only the shared backbone's arrays and scalar metrics (a loss, counts, and a histogram of
+target ranks) leave the node; the interaction history stays in the node's data folder and
+client-private state lives in ``context.state``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lumosrec.batching import PrefixSamples
+from lumosrec.evaluation import PROTOCOLS, STAGES, rank_counts
+from lumosrec.federated import MODEL_KEYS, NodeData, build_model, node_data
+from lumosrec.training import pick_device, train_epochs
+
+app = ClientApp()
+
+STATE_KEY = "lumos-client"
+
+
+def _node(context: Context) -> NodeData:
+    data = node_data(context.run_config, context.node_config)
+    if len(data.users) == 0:
+        raise ValueError(
+            f"node {context.node_config.get('partition-id')} holds no user: "
+            "the federation has more SuperNodes than the dataset has users"
+        )
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(sizes: tuple, num_items: int) -> torch.nn.Module:
+    # A Ray actor serves thousands of virtual clients: building (and randomly initialising)
+    # the model once per process and overwriting its weights per message is much cheaper.
+    return build_model(dict(sizes), num_items)
+
+
+def _received_model(msg: Message, context: Context, num_items: int, device: torch.device) -> torch.nn.Module:
+    sizes = tuple(sorted((k, context.run_config[k]) for k in MODEL_KEYS if k in context.run_config))
+    model = _cached_model(sizes, num_items)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model.to(device)
+
+
+def _client_state(context: Context) -> ConfigRecord:
+    """Per-node private bookkeeping that persists across rounds, never sent."""
+    if STATE_KEY not in context.state.config_records:
+        context.state.config_records[STATE_KEY] = ConfigRecord({"rounds-trained": 0})
+    return context.state.config_records[STATE_KEY]
+
+
+def _proximal_term(model: torch.nn.Module, mu: float):
+    """FedProx's ``mu / 2 * ||w - w_global||^2`` around the received weights (Li et al., MLSys 2020)."""
+    global_params = [p.detach().clone() for p in model.parameters()]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+
+    return term
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's users for ``local-epochs`` epochs."""
+    config, run = msg.content["config"], context.run_config
+    data = _node(context)
+    device = pick_device(str(run.get("device", "auto")))
+    model = _received_model(msg, context, data.num_items, device)
+    mu = float(config.get("proximal-mu", 0.0))
+    state = _client_state(context)
+    server_round = int(config.get("server-round", 0))
+    rng = np.random.default_rng([int(run["seed"]), int(context.node_id) % 2**32, server_round])
+    torch.manual_seed(int(rng.integers(2**31)))
+    samples = PrefixSamples(data.split.train, int(run["max-len"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(run["learning-rate"]))
+    loss, seen = train_epochs(
+        model, optimizer, samples, int(run["local-epochs"]), int(run["batch-size"]), rng, device,
+        regularizer=_proximal_term(model, mu) if mu > 0 else None,
+    )
+    state["rounds-trained"] = int(state["rounds-trained"]) + 1
+    metrics = MetricRecord({"train-loss": loss, "num-examples": len(samples), "samples-seen": seen})
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Rank each user's validation and test item against all items with the global model.
+
+    Replies with integer histograms of target ranks below ``MAX_CUTOFF`` per stage and
+    protocol; summed over nodes they give exactly the centralized metrics.
+    """
+    run = context.run_config
+    data = _node(context)
+    device = pick_device(str(run.get("device", "auto")))
+    model = _received_model(msg, context, data.num_items, device)
+    metrics: dict[str, int | list[int]] = {"num-examples": len(data.users)}
+    for stage in STAGES:
+        counts = rank_counts(model, data.split, stage, int(run["max-len"]), PROTOCOLS, device=device)
+        for protocol, count in counts.items():
+            metrics[f"{stage}-{protocol}-at-rank"] = count.at_rank.tolist()
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

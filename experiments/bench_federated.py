@@ -1,0 +1,119 @@
+"""Benchmark: FedAvg-SASRec on Flower's simulation runtime, and the cost of the federation.
+
+1. ``ml-100k`` with one client per user (943): test HR@20 / NDCG@20 per round and wall time
+   per round, and the best round as a fraction of centralized SASRec on the same split.
+2. One training round of ``amazon-beauty`` with every user as a client (22,363): wall time,
+   and the **overhead ratio** = that round's training wall time / the wall time of exactly
+   the same local training steps run in a bare torch loop in one process. The rest is split
+   into server-side aggregation and Flower/Ray messaging (the round loop records both).
+
+::
+
+    python experiments/bench_federated.py --data-root ../shared/data --out results/bench_federated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lumosrec.batching import PrefixSamples
+from lumosrec.dataset import load_dataset
+from lumosrec.evaluation import leave_one_out
+from lumosrec.federated import build_model, default_run_config
+from lumosrec.simulate import simulate
+from lumosrec.training import pick_device, train_epochs
+
+
+def per_round(out: Path) -> list[dict]:
+    rows = []
+    for row in json.loads((out / "metrics.json").read_text()):
+        entry = {"round": row["round"], "round_seconds": row["round_seconds"], "train_seconds": row["train_seconds"],
+                 "aggregate_seconds": row["aggregate_seconds"], "train_nodes": row["train_nodes"]}
+        if "test" in row:
+            entry.update({f"test_{m}": row["test"]["unmasked"][m] for m in ("HR@20", "NDCG@20")})
+            entry["eval_seconds"] = row["eval_seconds"]
+        rows.append(entry)
+    return rows
+
+
+def bare_local_training(data: Path, run_config: dict) -> float:
+    """The same local steps as one full round (every user, local epochs, batch size), no Flower."""
+    dataset = load_dataset(data)
+    split = leave_one_out(dataset.sequences, dataset.num_items)
+    device = pick_device("cpu")
+    model = build_model(run_config, dataset.num_items)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    started = time.perf_counter()
+    for user, train in enumerate(split.train):
+        model.load_state_dict(global_state)
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(run_config["learning-rate"]))
+        rng = np.random.default_rng([int(run_config["seed"]), user])
+        train_epochs(model, optimizer, PrefixSamples([train], int(run_config["max-len"])),
+                     int(run_config["local-epochs"]), int(run_config["batch-size"]), rng, device)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=Path("results/bench_federated"))
+    parser.add_argument("--rounds", type=int, default=30, help="ml-100k rounds")
+    parser.add_argument("--run-config", default="fraction-train=0.2 eval-every=5",
+                        help="ml-100k overrides, TOML-typed (strategy, learning-rate, local-epochs, ...)")
+    parser.add_argument("--centralized", type=Path, default=Path("results/bench_centralized/ml-100k/result.json"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ml-100k", "beauty-round"])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from lumosrec.cli import _parse_overrides
+
+    report: dict = {"config": vars(args) | {"data_root": str(args.data_root), "out": str(args.out),
+                                            "centralized": str(args.centralized)}}
+    if "ml-100k" not in args.skip:
+        out = args.out / "ml-100k"
+        overrides = {"data": str(args.data_root / "ml-100k"), "out-dir": str(out), "num-server-rounds": args.rounds,
+                     "resume": False, **_parse_overrides(args.run_config)}
+        started = time.perf_counter()
+        result = simulate(overrides)
+        rounds = per_round(out)
+        entry = {"overrides": overrides, "wall_seconds": time.perf_counter() - started, "rounds": rounds,
+                 "best_round": result["best_epoch"], "test": result["test"]}
+        if args.centralized.is_file():
+            central = json.loads(args.centralized.read_text())["test"]["unmasked"]
+            entry["fraction_of_centralized"] = {m: result["test"]["unmasked"][m] / central[m] for m in ("HR@20", "NDCG@20")}
+        report["ml-100k"] = entry
+        (args.out / "bench_federated.json").write_text(json.dumps(report, indent=2) + "\n")
+        print("\nml-100k FedAvg-SASRec (943 clients):")
+        for row in rounds:
+            metrics = f"  HR@20 {row['test_HR@20']:.4f}  NDCG@20 {row['test_NDCG@20']:.4f}" if "test_HR@20" in row else ""
+            print(f"  round {row['round']:>3}  {row['round_seconds']:6.1f} s{metrics}")
+        print(f"  best round {result['best_epoch']}: {entry.get('fraction_of_centralized', 'no centralized result')}")
+
+    if "beauty-round" not in args.skip:
+        data = args.data_root / "amazon-beauty"
+        out = args.out / "beauty-round"
+        overrides = {"data": str(data), "out-dir": str(out), "num-server-rounds": 1, "fraction-train": 1.0,
+                     "eval-every": 0, "resume": False}
+        result = simulate(overrides)
+        row = per_round(out)[0]
+        bare = bare_local_training(data, {**default_run_config(), **overrides})
+        entry = {"clients": row["train_nodes"], "round_train_seconds": row["train_seconds"],
+                 "aggregate_seconds": row["aggregate_seconds"], "bare_torch_seconds": bare,
+                 "overhead_ratio": row["train_seconds"] / bare,
+                 "messaging_seconds": row["train_seconds"] - row["aggregate_seconds"] - bare,
+                 "peak_rss_mb_server": result["peak_rss_mb"]}
+        report["beauty-round"] = entry
+        (args.out / "bench_federated.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\namazon-beauty, one round, {entry['clients']} clients: {entry['round_train_seconds']:.0f} s "
+              f"(bare torch {bare:.0f} s, aggregation {entry['aggregate_seconds']:.0f} s, "
+              f"messaging and the rest {entry['messaging_seconds']:.0f} s) -> overhead ratio {entry['overhead_ratio']:.2f}")
+    print(f"\nwritten: {args.out / 'bench_federated.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""What the Flower ServerApp and ClientApp share: run-config parsing, the model, node data.
+
+Every knob lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (so ``flwr run .
+--run-config "..."`` overrides it); :func:`default_run_config` reads the same table for
+code that runs outside Flower (tests, ``lumos simulate``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lumosrec.dataset import Dataset
+from lumosrec.errors import ConfigError
+from lumosrec.evaluation import LeaveOneOut, leave_one_out
+from models.sasrec import SASRec, SASRecConfig
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+#: run-config key -> SASRecConfig field
+MODEL_KEYS = {
+    "hidden-size": "hidden_size",
+    "num-layers": "num_layers",
+    "num-heads": "num_heads",
+    "inner-size": "inner_size",
+    "dropout": "dropout",
+    "max-len": "max_len",
+}
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """Environment for Flower's commands: this Python's scripts first on ``PATH`` (Flower
+    starts ``flower-superlink`` & co. by name), no telemetry, no run-time dependency installs."""
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **extra}
+    if shutil.which("flwr", path=env["PATH"]) is None:
+        raise ConfigError("flwr not found; install Flower: pip install 'flwr[simulation]==1.41.0'")
+    return env
+
+
+def default_run_config(app_dir: Path = APP_DIR) -> dict:
+    """The ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``."""
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(f"{pyproject} not found: the Flower app needs the Lumos source checkout")
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def build_model(run_config: Mapping, num_items: int) -> SASRec:
+    """The shared backbone with the run's model sizes."""
+    sizes = {field: run_config[key] for key, field in MODEL_KEYS.items() if key in run_config}
+    return SASRec(SASRecConfig(num_items=num_items, **sizes))
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(spec: str) -> Dataset:
+    """Load a dataset once per process (a Ray actor serves many virtual clients)."""
+    from lumosrec.cli import resolve_data
+
+    return resolve_data(spec)
+
+
+@dataclass
+class NodeData:
+    """The users a node holds, with their leave-one-out split."""
+
+    dataset_name: str
+    num_items: int
+    users: np.ndarray
+    split: LeaveOneOut
+
+
+@functools.lru_cache(maxsize=8)
+def _split(spec: str) -> tuple[Dataset, LeaveOneOut]:
+    dataset = load_data(spec)
+    return dataset, leave_one_out(dataset.sequences, dataset.num_items)
+
+
+def node_data(run_config: Mapping, node_config: Mapping) -> NodeData:
+    """The users of this node.
+
+    Simulation: the run's dataset is cut into ``num-partitions`` contiguous, near-equal groups
+    of users and the node takes group ``partition-id``. Deployment: the node reads its own
+    folder from ``node_config["data-path"]`` (its users' interactions plus the shared catalog)
+    and holds every user in it.
+    """
+    if "data-path" in node_config:
+        dataset, split = _split(str(node_config["data-path"]))
+        users = np.arange(dataset.num_users)
+    else:
+        dataset, split = _split(str(run_config["data"]))
+        partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        users = np.array_split(np.arange(dataset.num_users), partitions)[partition]
+    return NodeData(dataset.name, dataset.num_items, users, split.subset(users))

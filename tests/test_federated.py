@@ -1,0 +1,194 @@
+"""The Flower app: client messages, exact federated evaluation, simulation, resume, Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import app as client_app
+from lumosrec.evaluation import PROTOCOLS, STAGES, evaluate, leave_one_out
+from lumosrec.federated import build_model, default_run_config, load_data
+from lumosrec.simulate import simulate
+from lumosrec.synthetic import SyntheticConfig, generate, write_folder
+from server.server_app import metrics_from_histograms
+from server.strategies import sum_metric_records
+
+SMALL = dict(num_users=60, items_per_category=10, seed=5)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(generate(SyntheticConfig(**SMALL)), tmp_path_factory.mktemp("fed") / "data")
+
+
+@pytest.fixture
+def run_config(data_dir: Path) -> dict:
+    return {**default_run_config(), "data": str(data_dir), "hidden-size": 16, "inner-size": 32}
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    # Messages can only be built inside a Flower process; these identify a fake one.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _call(kind: str, arrays: ArrayRecord, run_config: dict, partition: int, partitions: int) -> Message:
+    context = Context(
+        run_id=1, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": partitions},
+        state=RecordDict(), run_config=run_config,
+    )
+    message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    message = Message(content, dst_node_id=100 + partition, message_type=message_type)
+    return client_app(message, context)
+
+
+def test_only_arrays_and_scalar_metrics_leave_a_client(run_config: dict) -> None:
+    dataset = load_data(run_config["data"])
+    model = build_model(run_config, dataset.num_items)
+    partitions = dataset.num_users  # one user per client
+    user = 7
+    history = dataset.sequences[user]
+    titles = {dataset.titles[i] for i in history}
+    for kind in ("train", "evaluate"):
+        reply = _call(kind, ArrayRecord(model.state_dict()), run_config, user, partitions)
+        assert not reply.has_error(), reply.error
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics"} and not content.config_records
+        if kind == "train":
+            received = content["arrays"].to_torch_state_dict()
+            assert {k: v.shape for k, v in received.items()} == {k: v.shape for k, v in model.state_dict().items()}
+        metrics = content["metrics"]
+        for key, value in metrics.items():
+            if isinstance(value, list):  # rank histograms: counts below the cutoff, not ids
+                assert key.endswith("-at-rank") and sum(value) <= metrics["num-examples"] == 1
+            else:
+                assert isinstance(value, (int, float))
+        wire = message_to_proto(reply).SerializeToString()
+        assert not any(title.encode() in wire for title in titles)
+        # no id of the user's history travels outside the arrays
+        metric_ints = [v for value in metrics.values() for v in (value if isinstance(value, list) else [value])]
+        assert not set(int(i) for i in history) & set(x for x in metric_ints if isinstance(x, int) and x > 1)
+
+
+def test_client_evaluation_sums_to_the_centralized_evaluation_exactly(run_config: dict) -> None:
+    dataset = load_data(run_config["data"])
+    torch.manual_seed(3)
+    model = build_model(run_config, dataset.num_items)
+    arrays = ArrayRecord(model.state_dict())
+    partitions = 7  # uneven groups of users
+    replies = [_call("evaluate", arrays, run_config, p, partitions).content for p in range(partitions)]
+    federated = metrics_from_histograms(sum_metric_records(replies, "num-examples"))
+    split = leave_one_out(dataset.sequences, dataset.num_items)
+    for stage in STAGES:
+        assert federated[stage] == evaluate(model, split, stage, run_config["max-len"], PROTOCOLS)
+
+
+def test_fedprox_term_keeps_the_update_closer(run_config: dict) -> None:
+    dataset = load_data(run_config["data"])
+    torch.manual_seed(0)
+    model = build_model(run_config, dataset.num_items)
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    drift = {}
+    for mu in (0.0, 10.0):
+        config = {**run_config, "local-epochs": 3, "learning-rate": 0.01}
+        message = Message(
+            RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"proximal-mu": mu})}),
+            dst_node_id=1, message_type=MessageType.TRAIN,
+        )
+        context = Context(1, 1, {"partition-id": 0, "num-partitions": 3}, RecordDict(), config)
+        trained = client_app(message, context).content["arrays"].to_torch_state_dict()
+        model_after = build_model(run_config, dataset.num_items)
+        model_after.load_state_dict(trained)
+        drift[mu] = (torch.nn.utils.parameters_to_vector(model_after.parameters()) - start).norm().item()
+    assert drift[10.0] < drift[0.0]
+
+
+def _kill_federation(flwr_marker: str) -> None:
+    """Kill every process of one `lumos simulate` (its FLWR_HOME is in their environment)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if flwr_marker.encode() in environ:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    marker = f"LUMOS_TEST_RUN={tmp_path.name}"
+    args = [sys.executable, "-m", "lumosrec.cli", "simulate", "--data", str(data_dir), "--out", str(out),
+            "--rounds", "3", "--fraction-train", "0.2", "--quiet",
+            "--run-config", "hidden-size=16 inner-size=32"]
+    env = {**os.environ, "LUMOS_TEST_RUN": tmp_path.name}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = out / "metrics.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.is_file() and json.loads(metrics.read_text())):
+        assert first.poll() is None, first.stdout.read().decode()[-2000:]
+        time.sleep(0.5)
+    before = json.loads(metrics.read_text())
+    _kill_federation(marker)
+    first.wait(timeout=30)
+    assert not (out / "result.json").exists()
+    completed = len(before)
+    assert 1 <= completed < 3
+
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    history = json.loads(metrics.read_text())
+    assert [row["round"] for row in history] == [1, 2, 3]
+    assert history[:completed] == before[:completed]  # finished rounds were not redone
+    result = json.loads((out / "result.json").read_text())
+    assert result["strategy"] == "fedavg-sasrec" and result["epochs"] == 3 and result["failures"] == 0
+
+    # the federated metrics are the centralized evaluation of the saved global model
+    saved = torch.load(out / "model.pt")
+    dataset = load_data(str(data_dir))
+    model = build_model({"hidden-size": 16, "inner-size": 32}, dataset.num_items)
+    model.load_state_dict(saved["state_dict"])
+    split = leave_one_out(dataset.sequences, dataset.num_items)
+    assert result["test"] == evaluate(model, split, "test", 50)
+
+
+def test_simulation_attaches_to_a_running_ray_cluster(data_dir: Path, tmp_path: Path) -> None:
+    ray = Path(sys.executable).with_name("ray")
+    port = str(6380 + os.getpid() % 500)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    started = subprocess.run([str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
+                              "--num-cpus", "2", "--include-dashboard=false"], env=env, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        result = simulate(
+            {"data": str(data_dir), "out-dir": str(tmp_path / "run"), "num-server-rounds": 1,
+             "hidden-size": 16, "inner-size": 32},
+            ray_address=f"127.0.0.1:{port}", progress=False, timeout=300,
+        )
+        assert result["epochs"] == 1 and result["failures"] == 0
+        assert 0.0 < result["test"]["unmasked"]["HR@20"] <= 1.0
+        # the simulation ran as a driver of this cluster, not on a Ray of its own
+        assert list(ray_tmp.glob("ray/session_*/logs/python-core-driver-*.log"))
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
