@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -29,7 +27,7 @@ import numpy as np
 
 from lumosrec.dataset import Dataset
 from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import flower_env
+from lumosrec.federated import flower_env, free_port
 from lumosrec.synthetic import write_folder
 
 log = logging.getLogger(__name__)
@@ -127,12 +125,6 @@ def split_nodes(dataset: Dataset, nodes: int, out: Path) -> list[Path]:
     return folders
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class LoopbackDeployment:
     """SuperLink + one SuperNode per data folder on 127.0.0.1, TLS unless ``tls=False``.
@@ -148,7 +140,7 @@ class LoopbackDeployment:
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.certs = make_certificates(self.workdir / "certs") if self.tls else None
 
     def _env(self, name: str) -> dict[str, str]:
@@ -164,7 +156,7 @@ class LoopbackDeployment:
         self._start("superlink", superlink_command(self.certs, "subprocess", host="127.0.0.1", port=self.port))
         for i, path in enumerate(self.data_paths, start=1):
             command = supernode_command(f"127.0.0.1:{self.port}", str(path.resolve()), self.certs, "subprocess",
-                                        host="127.0.0.1", port=_free_port())
+                                        host="127.0.0.1", port=free_port())
             self._start(f"supernode-{i}", command)
         self._wait_healthy()
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import socket
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -34,6 +35,13 @@ MODEL_KEYS = {
     "dropout": "dropout",
     "max-len": "max_len",
 }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def flower_env(**extra: str) -> dict[str, str]:

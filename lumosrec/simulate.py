@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import APP_DIR, default_run_config, flower_env
+from lumosrec.federated import APP_DIR, default_run_config, flower_env, free_port
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +42,6 @@ class SimulationError(LumosError):
     """The simulation did not finish with status ``finished:completed`` and a result."""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _absolute(run_config: dict) -> dict:
     for key in PATH_KEYS:
         value = str(run_config[key])
@@ -57,21 +50,27 @@ def _absolute(run_config: dict) -> dict:
     return run_config
 
 
-def _stop_superlink(flwr_home: Path) -> None:
-    """Stop the detached SuperLink that ``flwr run`` started for this FLWR_HOME."""
-    marker = str(flwr_home).encode()
+def stop_federation(flwr_home: Path) -> None:
+    """Stop every process of one simulation: the detached SuperLink that ``flwr run`` started,
+    its SuperExec, the simulation engine and its Ray workers all carry our private FLWR_HOME
+    in their environment, and nothing else does."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
         except OSError:
             continue
-        if b"flower-superlink" in cmdline and marker in cmdline:
+        if marker in environ.split(b"\0"):
             try:
-                os.kill(int(proc.name), signal.SIGTERM)
+                os.kill(int(proc.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _flwr(args: list[str], env: Mapping[str, str], timeout: float) -> str:
@@ -107,6 +106,8 @@ def simulate(
     if unknown:
         raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; see [tool.flwr.app.config] in pyproject.toml")
     run_config = _absolute({**run_config, **overrides})
+    if run_config["resume"]:
+        _check_resumable(run_config)
     if num_supernodes is None:
         from lumosrec.federated import load_data
 
@@ -116,11 +117,13 @@ def simulate(
     if client_cpus is not None:
         federation["client-resources-num-cpus"] = client_cpus
     flwr_home = Path(tempfile.mkdtemp(prefix="lumos-flwr-"))
-    env = flower_env(FLWR_HOME=str(flwr_home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()))
+    env = flower_env(FLWR_HOME=str(flwr_home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()))
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     log.info("simulating %d supernodes, %s rounds, results in %s", num_supernodes,
              run_config["num-server-rounds"], run_config["out-dir"])
+    # `timeout`, `kill` and job schedulers send SIGTERM: clean up as on Ctrl-C.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         submitted = _flwr(
             ["run", str(APP_DIR), "--format", "json",
@@ -133,7 +136,8 @@ def simulate(
         listed = json.loads(_flwr(["list", "--run-id", run_id, "--format", "json"], env, timeout=120))
         status = listed["runs"][0]["status"]
     finally:
-        _stop_superlink(flwr_home)
+        signal.signal(signal.SIGTERM, previous_handler)
+        stop_federation(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
     result_path = Path(str(run_config["out-dir"])) / "result.json"
     if status != "finished:completed":
@@ -141,6 +145,17 @@ def simulate(
     if not result_path.is_file():
         raise SimulationError(f"run {run_id} completed but wrote no {result_path}")
     return json.loads(result_path.read_text())
+
+
+def _check_resumable(run_config: Mapping) -> None:
+    """Refuse early, with one line, to resume a checkpoint written with other settings."""
+    from server import checkpoint
+    from server.server_app import fingerprint
+
+    try:
+        checkpoint.load(Path(str(run_config["out-dir"])), fingerprint(run_config))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _stream(run_id: str, env: Mapping[str, str], rounds: int, timeout: float, progress: bool) -> None:

@@ -38,6 +38,10 @@ FINGERPRINT_KEYS = (
 )
 
 
+def fingerprint(run: Mapping) -> dict:
+    return {key: run[key] for key in FINGERPRINT_KEYS if key in run}
+
+
 def metrics_from_histograms(aggregated: Mapping) -> dict[str, dict[str, dict[str, float]]]:
     """``{stage: {protocol: metrics}}`` from summed rank histograms."""
     users = int(aggregated["num-examples"])
@@ -117,11 +121,10 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     model = build_model(run, num_items)
     num_nodes = len(list(grid.get_node_ids()))
     strategy = build_strategy(run, max(1, round(float(run["fraction-train"]) * num_nodes)))
-    fingerprint = {key: run[key] for key in FINGERPRINT_KEYS if key in run}
-    state = checkpoint.load(out, fingerprint) if bool(run["resume"]) else None
+    state = checkpoint.load(out, fingerprint(run)) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
     if state is None:
-        state = checkpoint.RoundState(0, model.state_dict(), fingerprint=fingerprint)
+        state = checkpoint.RoundState(0, model.state_dict(), fingerprint=fingerprint(run))
         run_dir.write_config({"strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes})
     else:
         checkpoint.restore_strategy(strategy, state)

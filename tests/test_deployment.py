@@ -42,7 +42,7 @@ def test_tls_loopback_deployment_with_a_failing_node(tmp_path: Path) -> None:
         f"{k}={json.dumps(v)}"
         for k, v in {
             "catalog": str(tmp_path / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": 2,
-            "fraction-train": 1.0, "min-nodes": 3, "hidden-size": 16, "inner-size": 32, "round-timeout": 120.0,
+            "fraction-train": 1.0, "min-nodes": 3, "eval-every": 1, "hidden-size": 16, "inner-size": 32, "round-timeout": 120.0,
         }.items()
     )
     with LoopbackDeployment([*folders, broken], tmp_path / "processes", tls=True) as deployment:

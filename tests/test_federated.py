@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import app as client_app
 from lumosrec.evaluation import PROTOCOLS, STAGES, evaluate, leave_one_out
 from lumosrec.federated import build_model, default_run_config, load_data
-from lumosrec.simulate import simulate
+from lumosrec.simulate import simulate, stop_federation
 from lumosrec.synthetic import SyntheticConfig, generate, write_folder
 from server.server_app import metrics_from_histograms
 from server.strategies import sum_metric_records
@@ -118,29 +118,14 @@ def test_fedprox_term_keeps_the_update_closer(run_config: dict) -> None:
     assert drift[10.0] < drift[0.0]
 
 
-def _kill_federation(flwr_marker: str) -> None:
-    """Kill every process of one `lumos simulate` (its FLWR_HOME is in their environment)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if flwr_marker.encode() in environ:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    marker = f"LUMOS_TEST_RUN={tmp_path.name}"
     args = [sys.executable, "-m", "lumosrec.cli", "simulate", "--data", str(data_dir), "--out", str(out),
             "--rounds", "3", "--fraction-train", "0.2", "--quiet",
             "--run-config", "hidden-size=16 inner-size=32"]
-    env = {**os.environ, "LUMOS_TEST_RUN": tmp_path.name}
+    # the run's private FLWR_HOME lands in TMPDIR; short, because Ray puts its sockets there too
+    short_tmp = Path(tempfile.mkdtemp(prefix="lt", dir="/tmp"))
+    env = {**os.environ, "TMPDIR": str(short_tmp)}
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     metrics = out / "metrics.json"
     deadline = time.monotonic() + 240
@@ -148,7 +133,9 @@ def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path:
         assert first.poll() is None, first.stdout.read().decode()[-2000:]
         time.sleep(0.5)
     before = json.loads(metrics.read_text())
-    _kill_federation(marker)
+    os.killpg(first.pid, signal.SIGKILL)  # the server dies without any chance to clean up
+    for flwr_home in short_tmp.glob("lumos-flwr-*"):
+        stop_federation(flwr_home)
     first.wait(timeout=30)
     assert not (out / "result.json").exists()
     completed = len(before)
@@ -169,6 +156,7 @@ def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path:
     model.load_state_dict(saved["state_dict"])
     split = leave_one_out(dataset.sequences, dataset.num_items)
     assert result["test"] == evaluate(model, split, "test", 50)
+    shutil.rmtree(short_tmp, ignore_errors=True)
 
 
 def test_simulation_attaches_to_a_running_ray_cluster(data_dir: Path, tmp_path: Path) -> None:
@@ -192,3 +180,39 @@ def test_simulation_attaches_to_a_running_ray_cluster(data_dir: Path, tmp_path: 
     finally:
         subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_every_strategy_is_flowers_own_and_dp_wraps_it() -> None:
+    from flwr.serverapp import strategy as flower
+
+    from lumosrec.errors import ConfigError
+    from server.strategies import STRATEGIES, build_strategy, strategy_is_linear
+
+    config = default_run_config()
+    for name in STRATEGIES:
+        built = build_strategy({**config, "strategy": name}, num_train_nodes=10)
+        assert type(built).__module__.startswith("flwr.serverapp.strategy")
+    assert isinstance(build_strategy({**config, "strategy": "fedadam"}, 10), flower.FedAdam)
+    wrapped = build_strategy({**config, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.5}, 10)
+    assert isinstance(wrapped, flower.DifferentialPrivacyServerSideFixedClipping)
+    assert not strategy_is_linear(wrapped) and not strategy_is_linear(build_strategy({**config, "strategy": "krum"}, 10))
+    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'"):
+        build_strategy({**config, "strategy": "fedsgd"}, 10)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
+    from flwr.serverapp.strategy import FedAdam
+
+    from server import checkpoint
+
+    strategy = FedAdam()
+    strategy.m_t = {"w": np.ones(3)}
+    state = checkpoint.RoundState(2, {"w": torch.zeros(3)}, [{"round": 1}, {"round": 2}], fingerprint={"seed": 1})
+    checkpoint.save(tmp_path, state, strategy)
+    loaded = checkpoint.load(tmp_path, {"seed": 1})
+    assert loaded.completed_rounds == 2 and loaded.history == state.history
+    fresh = FedAdam()
+    checkpoint.restore_strategy(fresh, loaded)
+    np.testing.assert_array_equal(fresh.m_t["w"], np.ones(3))  # server-optimizer state survives
+    with pytest.raises(ValueError, match="different settings \\(seed\\)"):
+        checkpoint.load(tmp_path, {"seed": 2})
