@@ -41,6 +41,16 @@ def _cached_model(sizes: tuple, num_items: int) -> torch.nn.Module:
     return build_model(dict(sizes), num_items)
 
 
+def _device(run_config) -> torch.device:
+    device = pick_device(str(run_config.get("device", "auto")))
+    threads = int(run_config["client-threads"])
+    if device.type == "cpu" and threads > 0:
+        # In a simulation the engine, the ServerApp and the client actors share the cores; a
+        # 2-thread torch whose threads spin-wait stalls whenever another process holds a core.
+        torch.set_num_threads(threads)
+    return device
+
+
 def _received_model(msg: Message, context: Context, num_items: int, device: torch.device) -> torch.nn.Module:
     sizes = tuple(sorted((k, context.run_config[k]) for k in MODEL_KEYS if k in context.run_config))
     model = _cached_model(sizes, num_items)
@@ -70,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's users for ``local-epochs`` epochs."""
     config, run = msg.content["config"], context.run_config
     data = _node(context)
-    device = pick_device(str(run.get("device", "auto")))
+    device = _device(run)
     model = _received_model(msg, context, data.num_items, device)
     mu = float(config.get("proximal-mu", 0.0))
     state = _client_state(context)
@@ -78,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([int(run["seed"]), int(context.node_id) % 2**32, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     samples = PrefixSamples(data.split.train, int(run["max-len"]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(run["learning-rate"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(run["learning-rate"]), foreach=True)
     loss, seen = train_epochs(
         model, optimizer, samples, int(run["local-epochs"]), int(run["batch-size"]), rng, device,
         regularizer=_proximal_term(model, mu) if mu > 0 else None,
@@ -97,7 +107,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     run = context.run_config
     data = _node(context)
-    device = pick_device(str(run.get("device", "auto")))
+    device = _device(run)
     model = _received_model(msg, context, data.num_items, device)
     metrics: dict[str, int | list[int]] = {"num-examples": len(data.users)}
     for stage in STAGES:

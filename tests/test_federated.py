@@ -216,3 +216,12 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     np.testing.assert_array_equal(fresh.m_t["w"], np.ones(3))  # server-optimizer state survives
     with pytest.raises(ValueError, match="different settings \\(seed\\)"):
         checkpoint.load(tmp_path, {"seed": 2})
+
+
+@pytest.mark.parametrize("num_users,partitions", [(60, 7), (10, 10), (22363, 22363), (5, 3)])
+def test_partitions_are_numpy_array_split_groups(num_users: int, partitions: int) -> None:
+    from lumosrec.federated import partition_users
+
+    expected = np.array_split(np.arange(num_users), partitions)
+    for partition in {0, 1, partitions // 2, partitions - 1}:
+        np.testing.assert_array_equal(partition_users(num_users, partition, partitions), expected[partition])
