@@ -25,7 +25,7 @@ import torch
 from lumosrec.batching import PrefixSamples
 from lumosrec.dataset import load_dataset
 from lumosrec.evaluation import leave_one_out
-from lumosrec.federated import build_model, default_run_config
+from lumosrec.federated import build_model, default_run_config, parse_run_config
 from lumosrec.simulate import simulate
 from lumosrec.training import pick_device, train_epochs
 
@@ -70,14 +70,12 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["ml-100k", "beauty-round"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from lumosrec.cli import _parse_overrides
-
     report: dict = {"config": vars(args) | {"data_root": str(args.data_root), "out": str(args.out),
                                             "centralized": str(args.centralized)}}
     if "ml-100k" not in args.skip:
         out = args.out / "ml-100k"
         overrides = {"data": str(args.data_root / "ml-100k"), "out-dir": str(out), "num-server-rounds": args.rounds,
-                     "resume": False, **_parse_overrides(args.run_config)}
+                     "resume": False, **parse_run_config(args.run_config)}
         started = time.perf_counter()
         result = simulate(overrides)
         rounds = per_round(out)

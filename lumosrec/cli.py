@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
-import tomllib
 from pathlib import Path
 
 from lumosrec import download as downloads
@@ -123,18 +121,9 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_simulate)
 
 
-def _parse_overrides(text: str) -> dict:
-    overrides = {}
-    for pair in shlex.split(text):
-        try:
-            overrides.update(tomllib.loads(pair))
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"--run-config: cannot read {pair!r}; expected key=value with a TOML value") from None
-    return overrides
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from lumosrec.centralized import result_table
+    from lumosrec.federated import parse_run_config
     from lumosrec.simulate import simulate
 
     named = {
@@ -142,7 +131,7 @@ def _simulate(args: argparse.Namespace) -> int:
         "users-per-client": args.users_per_client, "fraction-train": args.fraction_train,
         "local-epochs": args.local_epochs, "seed": args.seed,
     }
-    overrides = {**_parse_overrides(args.run_config), **{k: v for k, v in named.items() if v is not None}}
+    overrides = {**parse_run_config(args.run_config), **{k: v for k, v in named.items() if v is not None}}
     result = simulate(overrides, args.num_supernodes, args.ray_address, args.client_cpus, args.timeout, not args.quiet)
     print(f"\n{result['strategy']} on {result['dataset']}: best round {result['best_epoch']} of {result['epochs']}, "
           f"{result['seconds_per_epoch']:.1f} s/round, {result['failures']} client failures")
@@ -192,18 +181,17 @@ def _deploy_split(args: argparse.Namespace) -> int:
 def _deploy_local(args: argparse.Namespace) -> int:
     from lumosrec.centralized import result_table
     from lumosrec.deployment import LoopbackDeployment, split_nodes
-    from lumosrec.federated import APP_DIR
+    from lumosrec.federated import APP_DIR, format_run_config, parse_run_config
 
     workdir = args.workdir.resolve()
     folders = split_nodes(resolve_data(args.data), args.nodes, workdir / "data")
     out = workdir / "run"
     overrides = {
         "catalog": str(workdir / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": args.rounds,
-        "fraction-train": 1.0, "min-nodes": args.nodes, **_parse_overrides(args.run_config),
+        "fraction-train": 1.0, "min-nodes": args.nodes, **parse_run_config(args.run_config),
     }
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
     with LoopbackDeployment(folders, workdir / "processes", tls=not args.insecure) as deployment:
-        status = deployment.run(APP_DIR, run_config)
+        status = deployment.run(APP_DIR, format_run_config(overrides))
     if status != "finished:completed" or not (out / "result.json").is_file():
         raise LumosError(f"deployment run ended with status {status}; logs in {workdir / 'processes'}")
     print(result_table(json.loads((out / "result.json").read_text())))

@@ -8,7 +8,9 @@ code that runs outside Flower (tests, ``lumos simulate``).
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -54,6 +56,26 @@ def flower_env(**extra: str) -> dict[str, str]:
     if shutil.which("flwr", path=env["PATH"]) is None:
         raise ConfigError("flwr not found; install Flower: pip install 'flwr[simulation]==1.41.0'")
     return env
+
+
+def parse_run_config(text: str) -> dict:
+    """``'key=value key2="text"'`` (TOML-typed values, as ``flwr run --run-config``) to a dict."""
+    try:
+        pairs = shlex.split(text)
+    except ValueError as error:
+        raise ConfigError(f"run config {text!r}: {error}") from None
+    values = {}
+    for pair in pairs:
+        try:
+            values.update(tomllib.loads(pair))
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"run config: cannot read {pair!r}; expected key=value with a TOML value") from None
+    return values
+
+
+def format_run_config(values: Mapping) -> str:
+    """The inverse of :func:`parse_run_config`, for ``flwr run --run-config``."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
 def default_run_config(app_dir: Path = APP_DIR) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import APP_DIR, default_run_config, flower_env, free_port
+from lumosrec.federated import APP_DIR, default_run_config, flower_env, format_run_config, free_port
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def simulate(
         submitted = _flwr(
             ["run", str(APP_DIR), "--format", "json",
              "--federation-config", " ".join(f"{k}={v}" for k, v in federation.items()),
-             "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())],
+             "--run-config", format_run_config(run_config)],
             env, timeout=300,
         )
         run_id = str(json.loads(submitted)["run-id"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from lumosrec.deployment import Certificates, LoopbackDeployment, compose_commands, split_nodes
-from lumosrec.federated import APP_DIR
+from lumosrec.federated import APP_DIR, format_run_config
 from lumosrec.synthetic import SyntheticConfig, generate
 
 COMPOSE = APP_DIR / "docker-compose.yml"
@@ -38,13 +38,11 @@ def test_tls_loopback_deployment_with_a_failing_node(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "interactions.csv").write_text("user_id,item\n1,2\n")
     out = tmp_path / "run"
-    run_config = " ".join(
-        f"{k}={json.dumps(v)}"
-        for k, v in {
-            "catalog": str(tmp_path / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": 2,
-            "fraction-train": 1.0, "min-nodes": 3, "eval-every": 1, "hidden-size": 16, "inner-size": 32, "round-timeout": 120.0,
-        }.items()
-    )
+    run_config = format_run_config({
+        "catalog": str(tmp_path / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": 2,
+        "fraction-train": 1.0, "min-nodes": 3, "eval-every": 1, "hidden-size": 16, "inner-size": 32,
+        "round-timeout": 120.0,
+    })
     with LoopbackDeployment([*folders, broken], tmp_path / "processes", tls=True) as deployment:
         assert deployment.certs is not None
         status = deployment.run(APP_DIR, run_config, timeout=600)

@@ -98,3 +98,10 @@ def test_real_data_stats_when_available() -> None:
         pytest.skip("../shared/data is not beside the checkout")
     stats = load_dataset(SHARED_DATA / "ml-100k").stats()
     assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100000)
+
+
+def test_malformed_run_config_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["simulate", "--run-config", 'data="unterminated']) == 2
+    assert "No closing quotation" in capsys.readouterr().err
+    assert main(["simulate", "--run-config", "rounds"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
