@@ -75,6 +75,19 @@ def _proximal_term(model: torch.nn.Module, mu: float):
     return term
 
 
+def _local_optimizer(model: torch.nn.Module, run) -> torch.optim.Optimizer:
+    """A fresh optimizer per round: optimizer state is never aggregated, and keeping it across
+    rounds would tie it to weights the server has since replaced."""
+    name, rate = str(run["client-optimizer"]), float(run["learning-rate"])
+    if name == "sgd":
+        # scales each step with the gradient: the tiny softmax gradients of items a user never
+        # touched stay tiny, where Adam's first steps move every parameter by the full rate
+        return torch.optim.SGD(model.parameters(), lr=rate, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=rate, foreach=True)
+    raise ValueError(f"unknown client-optimizer {name!r}; choose adam or sgd")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's users for ``local-epochs`` epochs."""
@@ -88,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([int(run["seed"]), int(context.node_id) % 2**32, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     samples = PrefixSamples(data.split.train, int(run["max-len"]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(run["learning-rate"]), foreach=True)
+    optimizer = _local_optimizer(model, run)
     loss, seen = train_epochs(
         model, optimizer, samples, int(run["local-epochs"]), int(run["batch-size"]), rng, device,
         regularizer=_proximal_term(model, mu) if mu > 0 else None,

@@ -15,7 +15,13 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,21 +48,77 @@ def per_round(out: Path) -> list[dict]:
     return rows
 
 
-def bare_local_training(data: Path, run_config: dict) -> float:
-    """The same local steps as one full round (every user, local epochs, batch size), no Flower."""
+def bare_local_training(data: Path, run_config: dict, sample: int = 0) -> tuple[float, int]:
+    """The same local steps as one full round (every user, local epochs, batch size), no Flower.
+
+    With ``sample > 0`` only a fixed random sample of that many users is trained and the time
+    is scaled to all users (the per-user cost does not depend on the order). Returns the
+    (extrapolated) seconds and the number of users actually trained.
+    """
     dataset = load_dataset(data)
     split = leave_one_out(dataset.sequences, dataset.num_items)
+    users = np.arange(dataset.num_users)
+    if 0 < sample < len(users):
+        users = np.sort(np.random.default_rng(0).choice(users, sample, replace=False))
     device = pick_device("cpu")
     model = build_model(run_config, dataset.num_items)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
-    for user, train in enumerate(split.train):
+    for user in users:
         model.load_state_dict(global_state)
-        optimizer = torch.optim.Adam(model.parameters(), lr=float(run_config["learning-rate"]))
-        rng = np.random.default_rng([int(run_config["seed"]), user])
-        train_epochs(model, optimizer, PrefixSamples([train], int(run_config["max-len"])),
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(run_config["learning-rate"]), foreach=True)
+        rng = np.random.default_rng([int(run_config["seed"]), int(user)])
+        train_epochs(model, optimizer, PrefixSamples([split.train[user]], int(run_config["max-len"])),
                      int(run_config["local-epochs"]), int(run_config["batch-size"]), rng, device)
-    return time.perf_counter() - started
+    return (time.perf_counter() - started) * dataset.num_users / len(users), len(users)
+
+
+#: processes of a Flower simulation, by a part of their command line
+FLOWER_PROCESSES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp",
+                    "simulation-engine": "flwr-simulation", "client-actor": "ClientAppActor"}
+
+
+def _pids(marker: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def profile_federation(out: Path, delay: float, duration: float) -> threading.Thread:
+    """Sample every Flower process with py-spy for ``duration`` s, ``delay`` s from now.
+
+    Writes ``profile.json``: per process kind, the busy samples and the innermost functions
+    taking most of them (py-spy skips idle threads, so the counts are CPU time at 20 Hz).
+    """
+    def record() -> None:
+        time.sleep(delay)
+        jobs = []
+        for kind, marker in FLOWER_PROCESSES.items():
+            for pid in _pids(marker):
+                path = out / f"{kind}-{pid}.txt"
+                jobs.append((kind, path, subprocess.Popen(
+                    [py_spy, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "20",
+                     "--nonblocking", "--format", "raw", "--output", str(path)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        summary: dict = {}
+        for kind, path, job in jobs:
+            job.wait()
+            entry = summary.setdefault(kind, {"processes": 0, "samples": 0, "top": collections.Counter()})
+            entry["processes"] += 1
+            for line in path.read_text().splitlines() if path.is_file() else []:
+                stack, _, count = line.rpartition(" ")
+                entry["samples"] += int(count)
+                entry["top"][stack.split(";")[-1]] += int(count)
+        for entry in summary.values():
+            entry["top"] = entry["top"].most_common(12)
+        (out / "profile.json").write_text(json.dumps({"seconds": duration, "rate_hz": 20, **summary}, indent=2) + "\n")
+
+    py_spy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    thread = threading.Thread(target=record, daemon=True)
+    thread.start()
+    return thread
 
 
 def main() -> None:
@@ -68,6 +130,10 @@ def main() -> None:
                         help="ml-100k overrides, TOML-typed (strategy, learning-rate, local-epochs, ...)")
     parser.add_argument("--centralized", type=Path, default=Path("results/bench_centralized/ml-100k/result.json"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["ml-100k", "beauty-round"])
+    parser.add_argument("--bare-sample", type=int, default=0,
+                        help="time the bare loop on this many random Beauty users and scale (0: all)")
+    parser.add_argument("--profile", type=float, nargs=2, metavar=("DELAY", "SECONDS"),
+                        help="py-spy every Flower process of the Beauty round for SECONDS, DELAY s after its start")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": vars(args) | {"data_root": str(args.data_root), "out": str(args.out),
@@ -97,11 +163,15 @@ def main() -> None:
         out = args.out / "beauty-round"
         overrides = {"data": str(data), "out-dir": str(out), "num-server-rounds": 1, "fraction-train": 1.0,
                      "eval-every": 0, "resume": False}
+        profiler = profile_federation(args.out / "profile", *args.profile) if args.profile else None
         result = simulate(overrides)
+        if profiler is not None:
+            profiler.join()
         row = per_round(out)[0]
-        bare = bare_local_training(data, {**default_run_config(), **overrides})
+        bare, bare_users = bare_local_training(data, {**default_run_config(), **overrides}, args.bare_sample)
         entry = {"clients": row["train_nodes"], "round_train_seconds": row["train_seconds"],
                  "aggregate_seconds": row["aggregate_seconds"], "bare_torch_seconds": bare,
+                 "bare_torch_users_timed": bare_users,
                  "overhead_ratio": row["train_seconds"] / bare,
                  "messaging_seconds": row["train_seconds"] - row["aggregate_seconds"] - bare,
                  "peak_rss_mb_server": result["peak_rss_mb"]}

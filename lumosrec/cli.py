@@ -7,6 +7,8 @@ Subcommands::
     lumos data download ml-100k
     lumos data synthetic --out DIR
     lumos simulate --data synthetic --rounds 10 --out runs/fed
+    lumos views generate --data ml-100k --out runs/views-ml100k
+    lumos views inspect --data ml-100k --out runs/views-ml100k --user-id 1
 
 User mistakes (bad paths, malformed files, unknown options, no network) end with one
 ``lumos: error: ...`` line and exit status 2, never a traceback.
@@ -198,6 +200,77 @@ def _deploy_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_views(subparsers: argparse._SubParsersAction) -> None:
+    from augment.runtime import BACKENDS, DEFAULT_MODEL
+
+    parser = subparsers.add_parser("views", help="on-device LLM views of users' histories (LUMOS)")
+    views = parser.add_subparsers(dest="views_command", required=True)
+    make = views.add_parser("generate", help="make (or reuse from the cache) the views of users")
+    make.add_argument("--data", default=SYNTHETIC, help="'synthetic', a downloaded dataset name, or a path")
+    make.add_argument("--out", required=True, type=Path, help="folder of the view cache and report")
+    make.add_argument("--views", default="llm", choices=("llm", "retrieval"),
+                      help="'retrieval': no LLM, neighbour/distant items only (ablations, datasets without text)")
+    make.add_argument("--model", default=DEFAULT_MODEL,
+                      help="smollm2-135m, gemma3-270m, a .gguf file, a model folder or a Hugging Face id")
+    make.add_argument("--backend", default="auto", choices=BACKENDS)
+    make.add_argument("--device", default="auto", help="auto, cpu or cuda (transformers backend)")
+    make.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"),
+                      help="bitsandbytes weights on CUDA (transformers backend)")
+    make.add_argument("--threads", type=int, default=0, help="CPU threads of the LLM (0: all available cores)")
+    make.add_argument("--batch", type=int, default=8, help="prompts decoded together (llama.cpp parallel slots)")
+    make.add_argument("--no-prefix-cache", action="store_true",
+                      help="evaluate every prompt in full (llama.cpp; for throughput baselines)")
+    make.add_argument("--users", type=int, default=0, help="a fixed random sample of this many users (0: all)")
+    make.add_argument("--user-id", action="append", default=[], help="only this user (repeatable)")
+    make.add_argument("--sample-seed", type=int, default=0)
+    make.add_argument("--history-len", type=int, default=10, help="recent training items in a prompt")
+    make.add_argument("--items-per-view", type=int, default=5)
+    make.add_argument("--max-new-tokens", type=int, default=64)
+    make.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    make.add_argument("--threshold", type=float, default=0.6, help="least cosine of a generated title to its item")
+    make.add_argument("--encoder", default="all-MiniLM-L6-v2", help="sentence-transformers model for grounding")
+    make.add_argument("--item-embeddings", type=Path, help="model.pt whose item embeddings give the similarity")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--quiet", action="store_true", help="no progress bar")
+    make.set_defaults(handler=_views_generate)
+    show = views.add_parser("inspect", help="a user's history titles next to the cached views")
+    show.add_argument("--data", default=SYNTHETIC)
+    show.add_argument("--out", required=True, type=Path, help="folder given to views generate")
+    show.add_argument("--user-id", action="append", required=True, help="user to show (repeatable)")
+    show.set_defaults(handler=_views_inspect)
+
+
+def _views_generate(args: argparse.Namespace) -> int:
+    from augment.generate import format_stats, generate_views, select_users
+    from augment.runtime import RuntimeConfig
+    from augment.views import ViewConfig
+
+    dataset = resolve_data(args.data)
+    view_config = ViewConfig(mode=args.views, history_len=args.history_len, items_per_view=args.items_per_view,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             threshold=args.threshold, users_per_batch=args.batch, seed=args.seed)
+    runtime = RuntimeConfig(model=args.model, backend=args.backend, threads=args.threads, batch_size=args.batch,
+                            device=args.device, quantization=args.quantization,
+                            prefix_cache=not args.no_prefix_cache)
+    users = select_users(dataset, args.users, args.user_id, args.sample_seed)
+    report = generate_views(dataset, args.out, view_config, runtime, users, args.encoder, args.item_embeddings,
+                            progress=not args.quiet)
+    print(format_stats(report["stats"]))
+    if report["generation"]:
+        generation = report["generation"]
+        print(f"{generation['completion_tokens']} tokens generated, "
+              f"{generation['completion_tokens_per_second']:.1f} tokens/s ({report['model']['backend']})")
+    print(f"views: {args.out / 'views.sqlite'}, report: {args.out / 'report.json'}")
+    return 0
+
+
+def _views_inspect(args: argparse.Namespace) -> int:
+    from augment.generate import inspect_views
+
+    print(inspect_views(resolve_data(args.data), args.out, args.user_id))
+    return 0
+
+
 def _add_data(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="inspect, download or generate datasets")
     data = parser.add_subparsers(dest="data_command", required=True)
@@ -247,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_simulate(subparsers)
     _add_deploy(subparsers)
+    _add_views(subparsers)
     _add_data(subparsers)
     return parser
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shlex
+import re
 import shutil
 import socket
 import sys
@@ -58,18 +58,25 @@ def flower_env(**extra: str) -> dict[str, str]:
     return env
 
 
+#: one ``key=value`` of a run config; the value is quoted (TOML string) or runs to a space
+RUN_CONFIG_PAIR = re.compile(r"""\s*([^\s=]+)=('[^']*'|"(?:[^"\\]|\\.)*"|[^\s'"]\S*)(?:\s+|$)""")
+
+
 def parse_run_config(text: str) -> dict:
     """``'key=value key2="text"'`` (TOML-typed values, as ``flwr run --run-config``) to a dict."""
-    try:
-        pairs = shlex.split(text)
-    except ValueError as error:
-        raise ConfigError(f"run config {text!r}: {error}") from None
-    values = {}
-    for pair in pairs:
+    values, position, text = {}, 0, text.strip()
+    while position < len(text):
+        match = RUN_CONFIG_PAIR.match(text, position)
+        if match is None:
+            raise ConfigError(f"run config: cannot read {text[position:]!r}; expected key=value pairs "
+                              "with TOML values, strings in quotes (key=\"text\")")
+        key, value = match.groups()
         try:
-            values.update(tomllib.loads(pair))
+            values.update(tomllib.loads(f'"{key}" = {value}'))
         except tomllib.TOMLDecodeError:
-            raise ConfigError(f"run config: cannot read {pair!r}; expected key=value with a TOML value") from None
+            raise ConfigError(f"run config: cannot read {match.group(0).strip()!r}; expected key=value with a "
+                              "TOML value, strings in quotes (key=\"text\")") from None
+        position = match.end()
     return values
 
 
@@ -84,6 +91,26 @@ def default_run_config(app_dir: Path = APP_DIR) -> dict:
     if not pyproject.is_file():
         raise ConfigError(f"{pyproject} not found: the Flower app needs the Lumos source checkout")
     return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+#: run-config keys with a fixed set of values (``strategy`` is checked by the server's registry)
+CHOICES = {"client-optimizer": ("adam", "sgd")}
+
+
+def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
+    """``defaults`` updated with ``run_config``; unknown keys and values are one-line errors."""
+    unknown = sorted(set(run_config) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; see [tool.flwr.app.config] in pyproject.toml")
+    merged = {**defaults, **run_config}
+    for key, allowed in CHOICES.items():
+        if merged[key] not in allowed:
+            raise ConfigError(f"run config {key}={merged[key]!r}: choose one of {', '.join(allowed)}")
+    from server.strategies import STRATEGIES
+
+    if str(merged["strategy"]).lower() not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
+    return merged
 
 
 def build_model(run_config: Mapping, num_items: int) -> SASRec:

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import APP_DIR, default_run_config, flower_env, format_run_config, free_port
+from lumosrec.federated import APP_DIR, check_run_config, default_run_config, flower_env, format_run_config, free_port
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,7 @@ def simulate(
     client_cpus : int, optional
         CPUs reserved per virtual client (Flower's default is 2).
     """
-    run_config = default_run_config()
-    unknown = sorted(set(overrides) - set(run_config))
-    if unknown:
-        raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; see [tool.flwr.app.config] in pyproject.toml")
-    run_config = _absolute({**run_config, **overrides})
+    run_config = _absolute(check_run_config(overrides, default_run_config()))
     if run_config["resume"]:
         _check_resumable(run_config)
     if num_supernodes is None:

@@ -225,3 +225,36 @@ def test_partitions_are_numpy_array_split_groups(num_users: int, partitions: int
     expected = np.array_split(np.arange(num_users), partitions)
     for partition in {0, 1, partitions // 2, partitions - 1}:
         np.testing.assert_array_equal(partition_users(num_users, partition, partitions), expected[partition])
+
+
+def test_run_config_text_reads_like_flwr_run_and_round_trips() -> None:
+    from lumosrec.errors import ConfigError
+    from lumosrec.federated import format_run_config, parse_run_config
+
+    assert parse_run_config('strategy="fedadam" server-learning-rate=0.03 resume=false out-dir="runs/a b"') == {
+        "strategy": "fedadam", "server-learning-rate": 0.03, "resume": False, "out-dir": "runs/a b"}
+    values = {"data": "/data/x y", "seed": 7, "dropout": 0.25, "resume": True, "note": 'say "hi"'}
+    assert parse_run_config(format_run_config(values)) == values
+    for bad in ['strategy="fedadam', "strategy=fedadam", "seed", "seed=1 rounds"]:
+        with pytest.raises(ConfigError, match="run config: cannot read"):
+            parse_run_config(bad)
+
+
+def test_in_process_federation_keeps_node_state_and_counts_failures(data_dir: Path, tmp_path: Path) -> None:
+    from lumosrec.inprocess import InProcessGrid, run_in_process
+
+    result = run_in_process({"data": str(data_dir), "out-dir": str(tmp_path), "num-server-rounds": 2,
+                             "fraction-train": 1.0, "eval-every": 1, "hidden-size": 16, "inner-size": 32,
+                             "users-per-client": 20, "resume": False})
+    assert result["epochs"] == 2 and result["test"]["unmasked"]["HR@20"] > 0
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [row["train_nodes"] for row in history] == [3, 3] and history[-1]["eval_users"] == SMALL["num_users"]
+
+    grid = InProcessGrid(client_app, {**default_run_config(), "data": str(data_dir)}, num_nodes=2)
+    model = build_model(default_run_config(), load_data(str(data_dir)).num_items)
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
+    broken = RecordDict({"config": ConfigRecord({"server-round": 1})})  # no arrays: the client raises
+    replies = list(grid.send_and_receive([Message(content, dst_node_id=1, message_type=MessageType.TRAIN),
+                                          Message(broken, dst_node_id=2, message_type=MessageType.TRAIN)]))
+    assert [reply.has_error() for reply in replies] == [False, True]
+    assert grid._contexts[1].state.config_records["lumos-client"]["rounds-trained"] == 1

@@ -102,6 +102,6 @@ def test_real_data_stats_when_available() -> None:
 
 def test_malformed_run_config_is_one_line(capsys: pytest.CaptureFixture) -> None:
     assert main(["simulate", "--run-config", 'data="unterminated']) == 2
-    assert "No closing quotation" in capsys.readouterr().err
+    assert "cannot read 'data=\"unterminated'" in capsys.readouterr().err
     assert main(["simulate", "--run-config", "rounds"]) == 2
     assert "expected key=value" in capsys.readouterr().err

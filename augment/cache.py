@@ -1,0 +1,82 @@
+"""The on-device view cache: one record per user and view, in one SQLite file.
+
+Records are keyed by (model, prompt version, user, view) and carry the hash of the history
+they were made from: a lookup with another hash misses, so a user whose history grew is
+regenerated while everyone else is reused. All views of a user are written in one
+transaction, so a kill leaves either all of a user's views or none of them, and a rerun
+resumes with the users still missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS views (
+    model TEXT NOT NULL, prompt_version TEXT NOT NULL, user TEXT NOT NULL, view TEXT NOT NULL,
+    history_hash TEXT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (model, prompt_version, user, view)
+)
+"""
+
+
+def history_hash(history: Sequence[int]) -> str:
+    return hashlib.sha256(",".join(str(int(item)) for item in history).encode()).hexdigest()[:16]
+
+
+@dataclass
+class View:
+    """One view of one user: catalog items (indices) in order, with provenance.
+
+    ``source`` is ``llm`` (every item grounded from the LLM's output), ``llm+retrieval``
+    (enough grounded, padded with retrieval items) or ``retrieval`` (fallback, or retrieval
+    mode). ``grounding`` is each item's title-to-item cosine (NaN for retrieval items),
+    ``profile_similarity`` its cosine to the user's profile; ``text`` the raw LLM output.
+    """
+
+    items: list[int]
+    source: str
+    grounding: list[float] = field(default_factory=list)
+    profile_similarity: list[float] = field(default_factory=list)
+    text: str = ""
+
+
+class ViewCache:
+    """Views of users, persisted in ``path`` (SQLite)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(SCHEMA)
+
+    def get(self, model: str, prompt_version: str, user: str, views: Iterable[str],
+            expected_hash: str) -> dict[str, View] | None:
+        """All requested views of ``user`` made from the history with ``expected_hash``, else None."""
+        views = list(views)
+        rows = self._db.execute(
+            f"SELECT view, history_hash, record FROM views WHERE model=? AND prompt_version=? AND user=? "
+            f"AND view IN ({','.join('?' * len(views))})", (model, prompt_version, user, *views)).fetchall()
+        found = {view: View(**json.loads(record)) for view, digest, record in rows if digest == expected_hash}
+        return found if len(found) == len(views) else None
+
+    def put(self, model: str, prompt_version: str, user: str, digest: str, views: dict[str, View]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO views VALUES (?, ?, ?, ?, ?, ?)",
+                [(model, prompt_version, user, view, digest, json.dumps(asdict(record)))
+                 for view, record in views.items()])
+
+    def latest(self, user: str) -> dict[str, View]:
+        """The most recently written record of each view of ``user``, whatever its model."""
+        rows = self._db.execute("SELECT view, record FROM views WHERE user=? ORDER BY rowid", (user,))
+        return {view: View(**json.loads(record)) for view, record in rows}
+
+    def close(self) -> None:
+        self._db.close()

