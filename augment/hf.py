@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from augment.runtime import Chat, GenerationStats, ModelSpec, default_cache_dir, file_digest, render_plain
+from augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, default_cache_dir, file_digest, render_plain
 from lumosrec.errors import ConfigError
 from lumosrec.training import pick_device
 
@@ -50,8 +50,8 @@ class TransformersGenerator:
     """:class:`augment.runtime.Generator` on a transformers model (also a model built in memory)."""
 
     def __init__(self, model, tokenizer, name: str, device: torch.device, batch_size: int = 8,
-                 weights: str = "bf16") -> None:
-        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+                 weights: str = "bf16", lock: MachineLock | None = None) -> None:
+        self.model, self.tokenizer, self.name, self._lock = model.eval(), tokenizer, name, lock
         self.device, self.batch_size, self.weights = device, max(1, batch_size), weights
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -60,7 +60,7 @@ class TransformersGenerator:
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "auto", threads: int = 0, batch_size: int = 8,
-             quantization: str = "none") -> TransformersGenerator:
+             quantization: str = "none", lock: MachineLock | None = None) -> TransformersGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if quantization not in QUANTIZATIONS:
@@ -87,7 +87,7 @@ class TransformersGenerator:
         if quantization == "none":
             model = model.to(torch_device)
         return cls(model, tokenizer, spec.key, torch_device, batch_size,
-                   weights="bf16" if quantization == "none" else f"bitsandbytes {quantization}")
+                   weights="bf16" if quantization == "none" else f"bitsandbytes {quantization}", lock=lock)
 
     def _render(self, prompt: Chat) -> str:
         if self.tokenizer.chat_template:
@@ -122,8 +122,11 @@ class TransformersGenerator:
         return outputs
 
     def model_info(self) -> dict:
-        return {"model": self.name, "key": self.name, "backend": "transformers", "weights": self.weights,
+        return {"model": self.name, "key": f"{self.name}:transformers-{self.weights.replace(' ', '-')}",
+                "backend": "transformers", "weights": self.weights,
                 "device": str(self.device), "threads": torch.get_num_threads(), "batch_size": self.batch_size}
 
     def close(self) -> None:
         self.model = None
+        if self._lock is not None:
+            self._lock.release()

@@ -8,11 +8,12 @@ prompts are evaluated once per slot rather than once per call.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from augment.runtime import Chat, GenerationStats, ModelSpec, render_plain
+from augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, render_plain
 from lumosrec.errors import LumosError
 
 #: tokens of context per parallel slot: few-shot prompt (~300) + history + answer
@@ -34,9 +35,11 @@ def has_chat_template(path: str) -> bool:
 class LlamaCppGenerator:
     """:class:`augment.runtime.Generator` on llama.cpp."""
 
-    def __init__(self, spec: ModelSpec, threads: int, parallel: int = 8, prefix_cache: bool = True) -> None:
+    def __init__(self, spec: ModelSpec, threads: int, parallel: int = 8, prefix_cache: bool = True,
+                 lock: MachineLock | None = None) -> None:
         import xllamacpp
 
+        self._lock, self._stats_lock = lock, threading.Lock()
         self.spec, self.threads, self.parallel, self.prefix_cache = spec, threads, max(1, parallel), prefix_cache
         self.chat = has_chat_template(spec.location)
         params = xllamacpp.CommonParams()
@@ -63,9 +66,10 @@ class LlamaCppGenerator:
         if "error" in reply:
             raise GenerationError(f"llama.cpp: {reply['error']}")
         usage = reply["usage"]
-        self.stats.prompt_tokens += usage["prompt_tokens"]
-        self.stats.cached_prompt_tokens += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-        self.stats.completion_tokens += usage["completion_tokens"]
+        with self._stats_lock:
+            self.stats.prompt_tokens += usage["prompt_tokens"]
+            self.stats.cached_prompt_tokens += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            self.stats.completion_tokens += usage["completion_tokens"]
         choice = reply["choices"][0]
         return choice["message"]["content"] if self.chat else choice["text"]
 
@@ -80,10 +84,12 @@ class LlamaCppGenerator:
         return texts
 
     def model_info(self) -> dict:
-        return {"model": self.spec.name, "location": self.spec.location, "key": self.spec.key,
+        return {"model": self.spec.name, "location": self.spec.location, "key": f"{self.spec.key}:llamacpp",
                 "backend": "llamacpp", "weights": "gguf (as shipped)", "chat_template": self.chat,
                 "threads": self.threads, "parallel": self.parallel, "prefix_cache": self.prefix_cache}
 
     def close(self) -> None:
         self._pool.shutdown()
         del self._server
+        if self._lock is not None:
+            self._lock.release()

@@ -46,7 +46,7 @@ class ViewConfig:
     threshold: float = 0.6
     min_grounded: int = 2
     counterfactual_quantile: float = 0.1
-    users_per_batch: int = 8
+    users_per_batch: int = 12
     domain: str = "auto"
     seed: int = 0
 
@@ -180,8 +180,9 @@ class ViewMaker:
     def _make_batch(self, histories: Mapping[str, Sequence[int]], stats: ViewStats) -> dict[str, dict[str, View]]:
         texts: dict[tuple[str, str], str] = {}
         if self.config.mode == "llm":
+            per_user = {user: self.prompts(history) for user, history in histories.items()}
             keys = [(user, view) for user in histories for view in self.config.views]
-            prompts = [self.prompts(histories[user])[view] for user, view in keys]
+            prompts = [per_user[user][view] for user, view in keys]
             outputs = self.generator.generate(prompts, self.config.max_new_tokens, self.config.temperature,
                                               self.config.seed)
             texts = dict(zip(keys, outputs))

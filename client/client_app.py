@@ -75,7 +75,7 @@ def _proximal_term(model: torch.nn.Module, mu: float):
     return term
 
 
-def _local_optimizer(model: torch.nn.Module, run) -> torch.optim.Optimizer:
+def local_optimizer(model: torch.nn.Module, run) -> torch.optim.Optimizer:
     """A fresh optimizer per round: optimizer state is never aggregated, and keeping it across
     rounds would tie it to weights the server has since replaced."""
     name, rate = str(run["client-optimizer"]), float(run["learning-rate"])
@@ -101,10 +101,10 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([int(run["seed"]), int(context.node_id) % 2**32, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     samples = PrefixSamples(data.split.train, int(run["max-len"]))
-    optimizer = _local_optimizer(model, run)
+    optimizer = local_optimizer(model, run)
     loss, seen = train_epochs(
         model, optimizer, samples, int(run["local-epochs"]), int(run["batch-size"]), rng, device,
-        regularizer=_proximal_term(model, mu) if mu > 0 else None,
+        regularizer=_proximal_term(model, mu) if mu > 0 else None, max_grad_norm=float(run["max-grad-norm"]),
     )
     state["rounds-trained"] = int(state["rounds-trained"]) + 1
     metrics = MetricRecord({"train-loss": loss, "num-examples": len(samples), "samples-seen": seen})

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from client.client_app import local_optimizer
 from lumosrec.batching import PrefixSamples
 from lumosrec.dataset import load_dataset
 from lumosrec.evaluation import leave_one_out
@@ -66,10 +66,11 @@ def bare_local_training(data: Path, run_config: dict, sample: int = 0) -> tuple[
     started = time.perf_counter()
     for user in users:
         model.load_state_dict(global_state)
-        optimizer = torch.optim.Adam(model.parameters(), lr=float(run_config["learning-rate"]), foreach=True)
+        optimizer = local_optimizer(model, run_config)
         rng = np.random.default_rng([int(run_config["seed"]), int(user)])
         train_epochs(model, optimizer, PrefixSamples([split.train[user]], int(run_config["max-len"])),
-                     int(run_config["local-epochs"]), int(run_config["batch-size"]), rng, device)
+                     int(run_config["local-epochs"]), int(run_config["batch-size"]), rng, device,
+                     max_grad_norm=float(run_config["max-grad-norm"]))
     return (time.perf_counter() - started) * dataset.num_users / len(users), len(users)
 
 
@@ -132,18 +133,22 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["ml-100k", "beauty-round"])
     parser.add_argument("--bare-sample", type=int, default=0,
                         help="time the bare loop on this many random Beauty users and scale (0: all)")
+    parser.add_argument("--beauty-run-config", default="", help="run-config overrides of the Beauty round")
+    parser.add_argument("--client-cpus", type=int, help="CPUs per virtual client (Flower's default: 2)")
     parser.add_argument("--profile", type=float, nargs=2, metavar=("DELAY", "SECONDS"),
                         help="py-spy every Flower process of the Beauty round for SECONDS, DELAY s after its start")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"config": vars(args) | {"data_root": str(args.data_root), "out": str(args.out),
-                                            "centralized": str(args.centralized)}}
+    report_path = args.out / "bench_federated.json"
+    # parts skipped in this call keep their earlier results
+    report: dict = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["config"] = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     if "ml-100k" not in args.skip:
         out = args.out / "ml-100k"
         overrides = {"data": str(args.data_root / "ml-100k"), "out-dir": str(out), "num-server-rounds": args.rounds,
                      "resume": False, **parse_run_config(args.run_config)}
         started = time.perf_counter()
-        result = simulate(overrides)
+        result = simulate(overrides, client_cpus=args.client_cpus)
         rounds = per_round(out)
         entry = {"overrides": overrides, "wall_seconds": time.perf_counter() - started, "rounds": rounds,
                  "best_round": result["best_epoch"], "test": result["test"]}
@@ -151,7 +156,7 @@ def main() -> None:
             central = json.loads(args.centralized.read_text())["test"]["unmasked"]
             entry["fraction_of_centralized"] = {m: result["test"]["unmasked"][m] / central[m] for m in ("HR@20", "NDCG@20")}
         report["ml-100k"] = entry
-        (args.out / "bench_federated.json").write_text(json.dumps(report, indent=2) + "\n")
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
         print("\nml-100k FedAvg-SASRec (943 clients):")
         for row in rounds:
             metrics = f"  HR@20 {row['test_HR@20']:.4f}  NDCG@20 {row['test_NDCG@20']:.4f}" if "test_HR@20" in row else ""
@@ -162,9 +167,9 @@ def main() -> None:
         data = args.data_root / "amazon-beauty"
         out = args.out / "beauty-round"
         overrides = {"data": str(data), "out-dir": str(out), "num-server-rounds": 1, "fraction-train": 1.0,
-                     "eval-every": 0, "resume": False}
+                     "eval-every": 0, "resume": False, **parse_run_config(args.beauty_run_config)}
         profiler = profile_federation(args.out / "profile", *args.profile) if args.profile else None
-        result = simulate(overrides)
+        result = simulate(overrides, client_cpus=args.client_cpus, timeout=6 * 3600)
         if profiler is not None:
             profiler.join()
         row = per_round(out)[0]
@@ -176,7 +181,7 @@ def main() -> None:
                  "messaging_seconds": row["train_seconds"] - row["aggregate_seconds"] - bare,
                  "peak_rss_mb_server": result["peak_rss_mb"]}
         report["beauty-round"] = entry
-        (args.out / "bench_federated.json").write_text(json.dumps(report, indent=2) + "\n")
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\namazon-beauty, one round, {entry['clients']} clients: {entry['round_train_seconds']:.0f} s "
               f"(bare torch {bare:.0f} s, aggregation {entry['aggregate_seconds']:.0f} s, "
               f"messaging and the rest {entry['messaging_seconds']:.0f} s) -> overhead ratio {entry['overhead_ratio']:.2f}")

@@ -7,7 +7,7 @@ grounding rate, mean grounding similarity and fallback rate per view, peak RSS.
 * **runtime cells** compare, on the same fixed user sample, a naive loop (batch 1, three
   separate calls per user, every prompt evaluated in full) with batched generation and
   prompt-prefix reuse, for each backend x model;
-* **full cells** run the best setting on all ``ml-100k`` users and a fixed 1,000-user
+* **full cells** run the fastest setting on all ``ml-100k`` users and a fixed 1,000-user
   sample of ``amazon-beauty``.
 
 ::
@@ -33,7 +33,7 @@ RUNTIME_CELLS = {
     "transformers smollm2 b12": ["--backend", "transformers", "--batch", "12"],
     "llamacpp gemma3 b6+prefix": ["--backend", "llamacpp", "--batch", "6", "--model", "gemma3-270m"],
 }
-BEST = RUNTIME_CELLS["llamacpp smollm2 b6+prefix"]
+BEST_CELL = "transformers smollm2 b12"  # fastest on 2 CPU cores, see the runtime cells
 
 
 def run_cell(data: Path, out: Path, flags: list[str], users: int, timeout: float) -> dict:
@@ -89,11 +89,15 @@ def main() -> None:
                         help="users of the (slower) transformers cells")
     parser.add_argument("--beauty-users", type=int, default=1000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["runtime", "full"])
+    parser.add_argument("--datasets", nargs="*", default=["ml-100k", "amazon-beauty"])
+    parser.add_argument("--cells", nargs="*", default=list(RUNTIME_CELLS), choices=list(RUNTIME_CELLS),
+                        metavar="CELL", help=f"runtime cells to run (default: all of {', '.join(RUNTIME_CELLS)})")
     parser.add_argument("--timeout", type=float, default=4 * 3600)
     args = parser.parse_args()
     report_path = args.out / "bench_views.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     datasets = {"ml-100k": (args.data_root / "ml-100k", 0), "amazon-beauty": (args.data_root / "amazon-beauty", args.beauty_users)}
+    datasets = {name: spec for name, spec in datasets.items() if name in args.datasets}
 
     def save() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -102,26 +106,29 @@ def main() -> None:
     if "runtime" not in args.skip:
         for dataset, (path, _) in datasets.items():
             print(f"\n{dataset}: runtime cells (same users per pair)")
-            for name, flags in RUNTIME_CELLS.items():
+            for name in args.cells:
+                flags = RUNTIME_CELLS[name]
                 users = args.transformers_sample if "transformers" in name else args.sample
                 cell = run_cell(path, args.out / dataset / name.replace(" ", "_"), flags, users, args.timeout)
                 report.setdefault("runtime", {}).setdefault(dataset, {})[name] = cell
                 save()
                 print_row(f"{name} ({users} users)", cell)
             cells = report["runtime"][dataset]
-            naive, best = cells["llamacpp smollm2 naive b1"], cells["llamacpp smollm2 b6+prefix"]
-            if "error" not in naive and "error" not in best:
-                speedup = best["users_per_minute"] / naive["users_per_minute"]
-                report["runtime"][dataset]["speedup_best_over_naive"] = speedup
-                save()
-                print(f"  best / naive users/min: {speedup:.2f}x")
+            naive = cells.get("llamacpp smollm2 naive b1", {})
+            for name in ("llamacpp smollm2 b6+prefix", BEST_CELL):
+                cell = cells.get(name, {})
+                if naive and cell and "error" not in naive and "error" not in cell:
+                    speedup = cell["users_per_minute"] / naive["users_per_minute"]
+                    cells[f"speedup {name} / naive"] = speedup
+                    save()
+                    print(f"  {name} / naive b1 users/min: {speedup:.2f}x")
     if "full" not in args.skip:
         for dataset, (path, users) in datasets.items():
-            cell = run_cell(path, args.out / dataset / "full", BEST, users, args.timeout)
+            cell = run_cell(path, args.out / dataset / "full", RUNTIME_CELLS[BEST_CELL], users, args.timeout)
             report.setdefault("full", {})[dataset] = cell
             save()
             print(f"\n{dataset}: all {'users' if not users else f'{users} sampled users'}")
-            print_row("llamacpp smollm2 b6+prefix", cell)
+            print_row(BEST_CELL, cell)
     print(f"\nwritten: {report_path}")
 
 

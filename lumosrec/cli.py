@@ -217,7 +217,8 @@ def _add_views(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"),
                       help="bitsandbytes weights on CUDA (transformers backend)")
     make.add_argument("--threads", type=int, default=0, help="CPU threads of the LLM (0: all available cores)")
-    make.add_argument("--batch", type=int, default=8, help="prompts decoded together (llama.cpp parallel slots)")
+    make.add_argument("--batch", type=int, default=12,
+                      help="users per step; prompts decoded together (transformers batch, llama.cpp parallel slots)")
     make.add_argument("--no-prefix-cache", action="store_true",
                       help="evaluate every prompt in full (llama.cpp; for throughput baselines)")
     make.add_argument("--users", type=int, default=0, help="a fixed random sample of this many users (0: all)")

@@ -82,10 +82,12 @@ def train_epochs(
     progress: bool = False,
     description: str = "train",
     regularizer: Callable[[], torch.Tensor] | None = None,
+    max_grad_norm: float = 0.0,
 ) -> tuple[float, int]:
     """Run ``epochs`` passes over ``samples``; return (mean loss, number of samples seen).
 
-    ``regularizer`` adds a term to every batch's loss (FedProx's proximal term).
+    ``regularizer`` adds a term to every batch's loss (FedProx's proximal term);
+    ``max_grad_norm > 0`` clips each step's gradient norm.
     """
     model.train()
     total_loss, seen = 0.0, 0
@@ -98,6 +100,8 @@ def train_epochs(
                 loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
             optimizer.step()
             total_loss += loss.item() * len(indices)
             seen += len(indices)

@@ -34,7 +34,7 @@ log = logging.getLogger("lumos.server")
 #: Settings that must match for a checkpoint to be resumed.
 FINGERPRINT_KEYS = (
     "data", "strategy", "seed", "max-len", "hidden-size", "num-layers", "num-heads", "inner-size",
-    "fraction-train", "local-epochs", "learning-rate", "batch-size", "client-optimizer",
+    "fraction-train", "local-epochs", "learning-rate", "batch-size", "client-optimizer", "max-grad-norm",
 )
 
 

@@ -238,6 +238,12 @@ def test_run_config_text_reads_like_flwr_run_and_round_trips() -> None:
     for bad in ['strategy="fedadam', "strategy=fedadam", "seed", "seed=1 rounds"]:
         with pytest.raises(ConfigError, match="run config: cannot read"):
             parse_run_config(bad)
+    from lumosrec.federated import check_run_config
+
+    for bad, message in [({"client-optimizer": "lion"}, "choose one of adam, sgd"),
+                         ({"strategy": "fedsgd"}, "unknown strategy"), ({"rounds": 3}, "unknown run-config key")]:
+        with pytest.raises(ConfigError, match=message):
+            check_run_config(bad, default_run_config())
 
 
 def test_in_process_federation_keeps_node_state_and_counts_failures(data_dir: Path, tmp_path: Path) -> None:

@@ -105,3 +105,29 @@ def test_malformed_run_config_is_one_line(capsys: pytest.CaptureFixture) -> None
     assert "cannot read 'data=\"unterminated'" in capsys.readouterr().err
     assert main(["simulate", "--run-config", "rounds"]) == 2
     assert "expected key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_gradient_clipping_bounds_each_local_step(max_grad_norm: float) -> None:
+    import torch
+
+    from lumosrec.batching import PrefixSamples
+    from lumosrec.evaluation import leave_one_out
+    from lumosrec.training import train_epochs
+    from models.sasrec import SASRec, SASRecConfig
+
+    dataset = generate(SyntheticConfig(num_users=8, items_per_category=5, seed=2))
+    split = leave_one_out(dataset.sequences, dataset.num_items)
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=16, inner_size=32, dropout=0.0))
+    before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    rate = 0.5
+    optimizer = torch.optim.SGD(model.parameters(), lr=rate)
+    samples = PrefixSamples([split.train[0]], 50)
+    train_epochs(model, optimizer, samples, 1, 512, np.random.default_rng(0), torch.device("cpu"),
+                 max_grad_norm=max_grad_norm)
+    step = float((torch.nn.utils.parameters_to_vector(model.parameters()) - before).norm())
+    if max_grad_norm:
+        assert step <= rate * max_grad_norm * 1.0001  # one batch, one SGD step of a clipped gradient
+    else:
+        assert step > rate * 1e-3 * 10

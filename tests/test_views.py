@@ -230,7 +230,7 @@ def test_a_killed_generation_resumes_without_redoing_users(tiny_model_dir: Path,
 def test_real_gguf_generation_on_movielens_users(tmp_path: Path) -> None:
     dataset = load_dataset(ML100K)
     users = select_users(dataset, sample=3, seed=1)
-    report = generate_views(dataset, tmp_path, ViewConfig(max_new_tokens=48), RuntimeConfig(batch_size=3),
+    report = generate_views(dataset, tmp_path, ViewConfig(max_new_tokens=48), RuntimeConfig(backend="llamacpp", batch_size=3),
                             users=users, progress=False)
     assert report["model"]["backend"] == "llamacpp" and report["model"]["model"] == "smollm2-135m"
     assert report["generation"]["completion_tokens"] > 0
@@ -250,3 +250,20 @@ def test_bad_view_settings_are_one_line_errors() -> None:
         ViewConfig(views=("future", "past"))
     with pytest.raises(ConfigError, match="unknown user id"):
         select_users(generate(SyntheticConfig(num_users=5)), user_ids=["nobody"])
+
+
+def test_one_generator_per_machine(tmp_path: Path) -> None:
+    from augment.runtime import MachineLock
+
+    path = tmp_path / "llm.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r); from pathlib import Path; from augment.runtime import MachineLock; "
+        "lock = MachineLock(Path(%r)).acquire(); print('held', flush=True); time.sleep(3); lock.release()")
+        % (str(Path(__file__).resolve().parents[1]), str(path))], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    lock = MachineLock(path).acquire()  # waits for the other process
+    waited = time.monotonic() - started
+    lock.release()
+    holder.wait()
+    assert waited > 1.5
