@@ -36,9 +36,11 @@ RUNTIME_CELLS = {
 BEST_CELL = "transformers smollm2 b12"  # fastest on 2 CPU cores, see the runtime cells
 
 
-def run_cell(data: Path, out: Path, flags: list[str], users: int, timeout: float) -> dict:
-    """One ``lumos views generate`` in a fresh cache folder; its report plus the wall time."""
-    shutil.rmtree(out, ignore_errors=True)
+def run_cell(data: Path, out: Path, flags: list[str], users: int, timeout: float, fresh: bool = True) -> dict:
+    """One ``lumos views generate``, in a fresh cache folder unless ``fresh`` is false (the long
+    full cells resume an interrupted run; their users/min counts the users made in this call)."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "lumosrec.cli", "views", "generate", "--data", str(data), "--out", str(out),
                "--users", str(users), "--quiet", *flags]
     started = time.perf_counter()
@@ -124,7 +126,8 @@ def main() -> None:
                     print(f"  {name} / naive b1 users/min: {speedup:.2f}x")
     if "full" not in args.skip:
         for dataset, (path, users) in datasets.items():
-            cell = run_cell(path, args.out / dataset / "full", RUNTIME_CELLS[BEST_CELL], users, args.timeout)
+            cell = run_cell(path, args.out / dataset / "full", RUNTIME_CELLS[BEST_CELL], users, args.timeout,
+                            fresh=False)
             report.setdefault("full", {})[dataset] = cell
             save()
             print(f"\n{dataset}: all {'users' if not users else f'{users} sampled users'}")
