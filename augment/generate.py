@@ -57,9 +57,9 @@ def item_space(dataset: Dataset, mode: str, encoder: TextEncoder | None, item_em
             raise ConfigError(f"{item_embeddings} has no item_embedding.weight for {dataset.num_items} items")
         return ItemSpace.from_embeddings(weight.float().numpy())
     if not any(dataset.titles[1:]):
-        hint = "" if mode == "retrieval" else "; use --views retrieval"
-        raise ConfigError(f"{dataset.name} has no item titles: pass --item-embeddings MODEL.pt (a trained "
-                          f"model of this dataset){hint}")
+        flags = "--item-embeddings MODEL.pt" if mode == "retrieval" else "--views retrieval --item-embeddings MODEL.pt"
+        raise ConfigError(f"{dataset.name} has no item titles, so neither an LLM nor text similarity can "
+                          f"read it; run with {flags} (a model trained on this dataset)")
     return ItemSpace.from_text(dataset.titles, encoder or TextEncoder(), default_cache_dir() / "embeddings")
 
 

@@ -88,6 +88,10 @@ class ItemSpace:
     vectors: np.ndarray
     source: str
 
+    def __post_init__(self) -> None:
+        #: items that have a vector (a title, or a non-zero embedding row)
+        self.has_vector = np.linalg.norm(self.vectors, axis=1) > 0
+
     @classmethod
     def from_text(cls, titles: Sequence[str], encoder: TextEncoder, cache_dir: Path | None = None) -> ItemSpace:
         """Embed every titled item (cached by encoder and titles); untitled items get a zero vector."""
@@ -120,9 +124,6 @@ class ItemSpace:
     def num_items(self) -> int:
         return len(self.vectors) - 1
 
-    def has_vector(self) -> np.ndarray:
-        return np.linalg.norm(self.vectors, axis=1) > 0
-
     def profile(self, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The user's profile (unit mean of the history's vectors) and each history item's
         similarity to it."""
@@ -136,7 +137,7 @@ class ItemSpace:
         """For each query vector, the most similar item not in ``exclude`` and its cosine."""
         scores = queries @ self.vectors.T
         scores[:, 0] = -np.inf
-        scores[:, ~self.has_vector()] = -np.inf
+        scores[:, ~self.has_vector] = -np.inf
         if exclude:
             scores[:, list(exclude)] = -np.inf
         best = scores.argmax(1)

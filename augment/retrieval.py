@@ -43,7 +43,7 @@ def distant_items(space: ItemSpace, history: Sequence[int], k: int, exclude: set
     """``k`` items drawn at random from the ``quantile`` least similar to the user's profile."""
     centre, _ = space.profile(history)
     scores = space.vectors @ centre
-    candidates = [i for i in np.argsort(scores) if i > 0 and i not in exclude and space.vectors[i].any()]
+    candidates = [i for i in np.argsort(scores) if i > 0 and space.has_vector[i] and i not in exclude]
     pool = candidates[: max(k, int(len(candidates) * quantile))]
     return [int(i) for i in rng.choice(pool, size=min(k, len(pool)), replace=False)]
 
@@ -51,7 +51,7 @@ def distant_items(space: ItemSpace, history: Sequence[int], k: int, exclude: set
 def _top(scores: np.ndarray, space: ItemSpace, k: int, exclude: set[int]) -> list[int]:
     scores = scores.astype(np.float64).copy()
     scores[0] = -np.inf
-    scores[~space.has_vector()] = -np.inf
+    scores[~space.has_vector] = -np.inf
     if exclude:
         scores[list(exclude)] = -np.inf
     top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]

@@ -15,9 +15,11 @@ Shipped models are looked up in their packages' metadata, never by a fixed path.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Protocol
 
 from lumosrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: a chat prompt: ``[{"role": "system" | "user" | "assistant", "content": ...}, ...]``
 Chat = list[dict[str, str]]
@@ -121,14 +125,11 @@ class MachineLock:
         self._handle = None
 
     def acquire(self) -> MachineLock:
-        import fcntl
-        import logging
-
         self._handle = self.path.open("a")
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logging.getLogger(__name__).info("another LLM generator runs on this machine; waiting for it")
+            log.info("another LLM generator runs on this machine; waiting for it")
             fcntl.flock(self._handle, fcntl.LOCK_EX)
         return self
 

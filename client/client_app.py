@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from lumosrec.batching import PrefixSamples
 from lumosrec.evaluation import PROTOCOLS, STAGES, rank_counts
-from lumosrec.federated import MODEL_KEYS, NodeData, build_model, node_data
+from lumosrec.federated import CHOICES, MODEL_KEYS, NodeData, build_model, node_data
 from lumosrec.training import pick_device, train_epochs
 
 app = ClientApp()
@@ -85,7 +85,7 @@ def local_optimizer(model: torch.nn.Module, run) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=rate, foreach=True)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=rate, foreach=True)
-    raise ValueError(f"unknown client-optimizer {name!r}; choose adam or sgd")
+    raise ValueError(f"unknown client-optimizer {name!r}; choose one of {', '.join(CHOICES['client-optimizer'])}")
 
 
 @app.train()

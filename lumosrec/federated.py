@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -111,6 +112,11 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
     if str(merged["strategy"]).lower() not in STRATEGIES:
         raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
     return merged
+
+
+def default_num_nodes(run_config: Mapping) -> int:
+    """One node per ``users-per-client`` users of the run's dataset."""
+    return math.ceil(load_data(str(run_config["data"])).num_users / int(run_config["users-per-client"]))
 
 
 def build_model(run_config: Mapping, num_items: int) -> SASRec:

@@ -13,7 +13,6 @@ simulation's random ids, so a given seed samples other users than under ``flwr r
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from lumosrec.federated import check_run_config, default_run_config, load_data
+from lumosrec.federated import check_run_config, default_num_nodes, default_run_config
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,5 @@ def run_in_process(overrides: Mapping[str, object]) -> dict:
 
     run_config = check_run_config(overrides, default_run_config())
     run_config["out-dir"] = str(Path(str(run_config["out-dir"])).resolve())
-    num_users = load_data(str(run_config["data"])).num_users
-    num_nodes = math.ceil(num_users / int(run_config["users-per-client"]))
-    grid = InProcessGrid(client_app, run_config, num_nodes)
+    grid = InProcessGrid(client_app, run_config, default_num_nodes(run_config))
     return run_rounds(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -30,7 +29,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import APP_DIR, check_run_config, default_run_config, flower_env, format_run_config, free_port
+from lumosrec.federated import (
+    APP_DIR, check_run_config, default_num_nodes, default_run_config, flower_env, format_run_config, free_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,7 @@ def simulate(
     if run_config["resume"]:
         _check_resumable(run_config)
     if num_supernodes is None:
-        from lumosrec.federated import load_data
-
-        users = load_data(str(run_config["data"])).num_users
-        num_supernodes = math.ceil(users / int(run_config["users-per-client"]))
+        num_supernodes = default_num_nodes(run_config)
     federation = {"num-supernodes": num_supernodes}
     if client_cpus is not None:
         federation["client-resources-num-cpus"] = client_cpus
