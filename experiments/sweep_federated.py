@@ -3,7 +3,7 @@
 Each setting runs the real ServerApp round loop and ClientApp code through
 :class:`lumosrec.inprocess.InProcessGrid` (no Ray, no gRPC: ~2x faster than ``flwr run`` on
 2 cores), and the best round's test metrics are compared with a centralized ``result.json``.
-Used to choose the defaults in ``[tool.flwr.app.config]``; the chosen setting is then
+Used to choose the defaults in ``[tool.flwr.app.config]`` (on the validation metrics); the chosen setting is then
 confirmed under ``lumos simulate`` by ``experiments/bench_federated.py``.
 
 ::
@@ -46,7 +46,7 @@ def main() -> None:
         result = run_in_process(overrides)
         history = json.loads((Path(overrides["out-dir"]) / "metrics.json").read_text())
         entry = {"overrides": overrides, "wall_seconds": time.perf_counter() - started, "best_round": result["best_epoch"],
-                 "test": result["test"]["unmasked"],
+                 "valid": result["valid"]["unmasked"], "test": result["test"]["unmasked"],
                  "curve": [{"round": r["round"], **{m: r["test"]["unmasked"][m] for m in ("HR@20", "NDCG@20")}}
                            for r in history if "test" in r]}
         if central:
@@ -55,7 +55,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"{setting}: best round {entry['best_round']}, {entry['wall_seconds']:.0f} s")
-    print(format_table({name: {"unmasked": e["test"]} for name, e in report.items()}, ("HR@20", "NDCG@20")))
+    # settings are chosen on validation; test is shown for the record
+    print(format_table({name: {"valid": e["valid"], "test": e["test"]} for name, e in report.items()},
+                       ("MRR@10", "HR@20", "NDCG@20")))
     for name, entry in report.items():
         print(f"{name}: best round {entry['best_round']}, fraction of centralized {entry.get('fraction_of_centralized')}")
     print(f"written: {report_path}")

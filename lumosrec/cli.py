@@ -6,7 +6,8 @@ Subcommands::
     lumos data stats PATH
     lumos data download ml-100k
     lumos data synthetic --out DIR
-    lumos simulate --data synthetic --rounds 10 --out runs/fed
+    lumos simulate --data synthetic --rounds 10 --out runs/fed [--objective lumos]
+    lumos run --method lumos --data ml-100k --out runs/lumos-ml100k
     lumos views generate --data ml-100k --out runs/views-ml100k
     lumos views inspect --data ml-100k --out runs/views-ml100k --user-id 1
 
@@ -110,6 +111,8 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="run directory (metrics, checkpoint, model, result)")
     parser.add_argument("--rounds", type=int, help="num-server-rounds")
     parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, ... (see pyproject.toml)")
+    parser.add_argument("--objective", choices=("sasrec", "cl4srec", "lumos"),
+                        help="local objective: sasrec (FedAvg-SASRec), cl4srec (Fed-CL4SRec), lumos (LLM views)")
     parser.add_argument("--users-per-client", type=int, help="users grouped into one virtual client")
     parser.add_argument("--fraction-train", type=float, help="share of clients trained per round")
     parser.add_argument("--local-epochs", type=int)
@@ -130,7 +133,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     named = {
         "data": args.data, "out-dir": args.out, "num-server-rounds": args.rounds, "strategy": args.strategy,
-        "users-per-client": args.users_per_client, "fraction-train": args.fraction_train,
+        "objective": args.objective, "users-per-client": args.users_per_client, "fraction-train": args.fraction_train,
         "local-epochs": args.local_epochs, "seed": args.seed,
     }
     overrides = {**parse_run_config(args.run_config), **{k: v for k, v in named.items() if v is not None}}
@@ -138,6 +141,46 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"\n{result['strategy']} on {result['dataset']}: best round {result['best_epoch']} of {result['epochs']}, "
           f"{result['seconds_per_epoch']:.1f} s/round, {result['failures']} client failures")
     print(result_table(result))
+    return 0
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    from lumosrec.experiment import ENGINES, METHODS, Budget
+
+    parser = subparsers.add_parser("run", help="one named method (centralized, local or federated) on a dataset")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--data", default=SYNTHETIC, help="'synthetic', a downloaded dataset name, or a path")
+    parser.add_argument("--out", required=True, help="run directory; a finished one is reused, not rerun")
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--rounds", type=int, default=Budget.rounds, help="budget: federation rounds")
+    parser.add_argument("--fraction-train", type=float, default=Budget.fraction_train,
+                        help="budget: share of clients per round")
+    parser.add_argument("--local-epochs", type=int, default=Budget.local_epochs, help="budget: epochs per round")
+    parser.add_argument("--sample-users", type=int, default=0, help="a fixed random subset of users (0: all)")
+    parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument("--run-config", default="", help="more overrides, TOML-typed: 'lumos-tau=0.5 views=\"retrieval\"'")
+    parser.add_argument("--engine", default="inprocess", choices=ENGINES,
+                        help="federated methods: in this process (default) or Flower's Ray simulation")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lumosrec.centralized import result_table
+    from lumosrec.experiment import FEDERATED, Budget, run_method
+    from lumosrec.federated import parse_run_config
+
+    if args.rounds < 1 or args.local_epochs < 1 or not 0 < args.fraction_train <= 1:
+        raise ConfigError("--rounds and --local-epochs must be at least 1, --fraction-train in (0, 1]")
+    budget = Budget(args.rounds, args.fraction_train, args.local_epochs)
+    overrides = {**parse_run_config(args.run_config), "sample-users": args.sample_users,
+                 "sample-seed": args.sample_seed}
+    result = run_method(args.method, args.data, args.out, args.seed, budget, overrides, args.engine,
+                        progress=not args.quiet)
+    print(f"\n{result['strategy']} on {result['dataset']}: best {result['best_epoch']} of {result['epochs']} "
+          f"({'rounds' if args.method in FEDERATED else 'epochs'})")
+    print(result_table(result))
+    print(f"\nresults: {Path(args.out) / 'result.json'}")
     return 0
 
 
@@ -320,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
     _add_simulate(subparsers)
+    _add_run(subparsers)
     _add_deploy(subparsers)
     _add_views(subparsers)
     _add_data(subparsers)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,10 @@ class Dataset:
     def num_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
 
+    def subset(self, users: Sequence[int]) -> Dataset:
+        """The given users (indices) with the whole catalog, so item indices keep their meaning."""
+        return replace(self, sequences=[self.sequences[u] for u in users], user_ids=[self.user_ids[u] for u in users])
+
     def stats(self) -> dict[str, float | int | str]:
         """Summary statistics, as printed by ``lumos data stats``."""
         lengths = np.array([len(s) for s in self.sequences])
@@ -90,6 +95,15 @@ class Dataset:
             "category_coverage": round(sum(bool(self.categories[i]) for i in items) / self.num_items, 4),
             "dropped_users": len(self.dropped_users),
         }
+
+
+def sample_users(num_users: int, sample: int, seed: int = 0) -> np.ndarray:
+    """A fixed random sample of ``sample`` user indices, sorted (all users when ``sample`` is 0
+    or not smaller than ``num_users``): the same subset for every method given the seed."""
+    users = np.arange(num_users)
+    if 0 < sample < num_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, sample, replace=False))
+    return users
 
 
 @dataclass

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lumosrec.dataset import Dataset
+from lumosrec.dataset import Dataset, sample_users
 from lumosrec.errors import ConfigError
 from lumosrec.evaluation import LeaveOneOut, leave_one_out
+from models.cl4srec import CL4SRec, CL4SRecConfig
+from models.lumos import LUMOS, LUMOSConfig
 from models.sasrec import SASRec, SASRecConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -37,6 +39,17 @@ MODEL_KEYS = {
     "inner-size": "inner_size",
     "dropout": "dropout",
     "max-len": "max_len",
+}
+
+#: the client's local objective -> (model, config, run-config key -> config field)
+OBJECTIVES = {
+    "sasrec": (SASRec, SASRecConfig, {}),
+    "cl4srec": (CL4SRec, CL4SRecConfig, {"cl-weight": "cl_weight", "cl-temperature": "temperature"}),
+    "lumos": (LUMOS, LUMOSConfig, {
+        "lumos-lambda-future": "lambda_future", "lumos-lambda-paraphrase": "lambda_paraphrase",
+        "lumos-tau": "tau", "lumos-counterfactual": "use_counterfactual",
+        "lumos-contrastive-rows": "contrastive_rows",
+    }),
 }
 
 
@@ -95,7 +108,7 @@ def default_run_config(app_dir: Path = APP_DIR) -> dict:
 
 
 #: run-config keys with a fixed set of values (``strategy`` is checked by the server's registry)
-CHOICES = {"client-optimizer": ("adam", "sgd")}
+CHOICES = {"client-optimizer": ("adam", "sgd"), "objective": tuple(OBJECTIVES), "views": ("llm", "retrieval")}
 
 
 def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
@@ -116,31 +129,61 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
 
 def default_num_nodes(run_config: Mapping) -> int:
     """One node per ``users-per-client`` users of the run's dataset."""
-    return math.ceil(load_data(str(run_config["data"])).num_users / int(run_config["users-per-client"]))
+    return math.ceil(run_data(run_config).num_users / int(run_config["users-per-client"]))
+
+
+def method_name(run_config: Mapping) -> str:
+    """The name a run's results carry: ``lumos``, ``fed-cl4srec`` or ``fedavg-sasrec`` with
+    FedAvg; the aggregation strategy's name in front otherwise (``lumos-fedprox``, ...)."""
+    strategy, objective = str(run_config["strategy"]), str(run_config.get("objective", "sasrec"))
+    if objective == "lumos":
+        return "lumos" if strategy == "fedavg" else f"lumos-{strategy}"
+    if objective == "cl4srec":
+        return "fed-cl4srec" if strategy == "fedavg" else f"{strategy}-cl4srec"
+    return f"{strategy}-sasrec"
 
 
 def build_model(run_config: Mapping, num_items: int) -> SASRec:
-    """The shared backbone with the run's model sizes."""
+    """The shared backbone with the run's model sizes (what the server holds and aggregates)."""
     sizes = {field: run_config[key] for key, field in MODEL_KEYS.items() if key in run_config}
     return SASRec(SASRecConfig(num_items=num_items, **sizes))
 
 
+def build_client_model(run_config: Mapping, num_items: int) -> SASRec:
+    """The model a client trains: the backbone plus its objective's terms and private parts."""
+    model_class, config_class, keys = OBJECTIVES[str(run_config.get("objective", "sasrec"))]
+    sizes = {field: run_config[key] for key, field in MODEL_KEYS.items() if key in run_config}
+    hyper = {field: run_config[key] for key, field in keys.items() if key in run_config}
+    return model_class(config_class(num_items=num_items, **sizes, **hyper))
+
+
 @functools.lru_cache(maxsize=4)
-def load_data(spec: str) -> Dataset:
-    """Load a dataset once per process (a Ray actor serves many virtual clients)."""
+def load_data(spec: str, sample: int = 0, seed: int = 0) -> Dataset:
+    """Load a dataset once per process (a Ray actor serves many virtual clients); ``sample > 0``
+    keeps a fixed random subset of that many users (the same for every method and seed)."""
     from lumosrec.cli import resolve_data
 
-    return resolve_data(spec)
+    dataset = resolve_data(spec)
+    return dataset.subset(sample_users(dataset.num_users, sample, seed)) if sample else dataset
+
+
+def run_data(run_config: Mapping) -> Dataset:
+    """The run's dataset: ``data``, sampled to ``sample-users`` users with ``sample-seed``."""
+    return load_data(str(run_config["data"]), int(run_config.get("sample-users", 0)),
+                     int(run_config.get("sample-seed", 0)))
 
 
 @dataclass
 class NodeData:
-    """The users a node holds, with their leave-one-out split."""
+    """The users a node holds (indices into ``dataset``), with their leave-one-out split."""
 
-    dataset_name: str
-    num_items: int
+    dataset: Dataset
     users: np.ndarray
     split: LeaveOneOut
+
+    @property
+    def num_items(self) -> int:
+        return self.dataset.num_items
 
 
 def partition_users(num_users: int, partition: int, partitions: int) -> np.ndarray:
@@ -153,8 +196,8 @@ def partition_users(num_users: int, partition: int, partitions: int) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=8)
-def _split(spec: str) -> tuple[Dataset, LeaveOneOut]:
-    dataset = load_data(spec)
+def _split(spec: str, sample: int = 0, seed: int = 0) -> tuple[Dataset, LeaveOneOut]:
+    dataset = load_data(spec, sample, seed)
     return dataset, leave_one_out(dataset.sequences, dataset.num_items)
 
 
@@ -170,7 +213,8 @@ def node_data(run_config: Mapping, node_config: Mapping) -> NodeData:
         dataset, split = _split(str(node_config["data-path"]))
         users = np.arange(dataset.num_users)
     else:
-        dataset, split = _split(str(run_config["data"]))
+        dataset, split = _split(str(run_config["data"]), int(run_config.get("sample-users", 0)),
+                                int(run_config.get("sample-seed", 0)))
         partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
         users = partition_users(dataset.num_users, partition, partitions)
-    return NodeData(dataset.name, dataset.num_items, users, split.subset(users))
+    return NodeData(dataset, users, split.subset(users))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from augment.client_views import prefill_views
 from lumosrec.errors import ConfigError, LumosError
 from lumosrec.federated import (
     APP_DIR, check_run_config, default_num_nodes, default_run_config, flower_env, format_run_config, free_port,
@@ -36,7 +37,7 @@ from lumosrec.federated import (
 log = logging.getLogger(__name__)
 
 ROUND_LINE = re.compile(r"round (\d+): loss")
-PATH_KEYS = ("data", "out-dir")
+PATH_KEYS = ("data", "out-dir", "views-dir")
 
 
 class SimulationError(LumosError):
@@ -46,7 +47,7 @@ class SimulationError(LumosError):
 def _absolute(run_config: dict) -> dict:
     for key in PATH_KEYS:
         value = str(run_config[key])
-        if key == "out-dir" or Path(value).exists():
+        if value and (key == "out-dir" or Path(value).exists()):
             run_config[key] = str(Path(value).resolve())
     return run_config
 
@@ -107,6 +108,7 @@ def simulate(
         _check_resumable(run_config)
     if num_supernodes is None:
         num_supernodes = default_num_nodes(run_config)
+    prefill_views(run_config, progress)
     federation = {"num-supernodes": num_supernodes}
     if client_cpus is not None:
         federation["client-resources-num-cpus"] = client_cpus

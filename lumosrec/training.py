@@ -94,8 +94,8 @@ def train_epochs(
     for _ in range(epochs):
         batches = list(samples.epoch(batch_size, rng))
         for indices in tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch"):
-            items, lengths, targets, _ = samples.batch(indices)
-            loss = model.loss(items.to(device), lengths.to(device), targets.to(device))
+            items, lengths, targets, users = samples.batch(indices)
+            loss = model.loss(items.to(device), lengths.to(device), targets.to(device), users.to(device))
             if regularizer is not None:
                 loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)

@@ -40,11 +40,13 @@ class CL4SRec(SASRec):
 
     def __init__(self, config: CL4SRecConfig) -> None:
         super().__init__(config)
-        self._rng = np.random.default_rng(config.seed)
+        #: draws the augmentations; a federated client replaces it with its own per round
+        self.rng = np.random.default_rng(config.seed)
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+             users: torch.Tensor | None = None) -> torch.Tensor:
         config = self.config
         rec_loss = self.recommendation_loss(self.encode(items, lengths), targets)
-        first = self.encode(*augment_batch(items, lengths, self._rng, config.eta, config.gamma, config.beta))
-        second = self.encode(*augment_batch(items, lengths, self._rng, config.eta, config.gamma, config.beta))
+        first = self.encode(*augment_batch(items, lengths, self.rng, config.eta, config.gamma, config.beta))
+        second = self.encode(*augment_batch(items, lengths, self.rng, config.eta, config.gamma, config.beta))
         return rec_loss + config.cl_weight * symmetric_info_nce(first, second, config.temperature)

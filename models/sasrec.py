@@ -94,6 +94,14 @@ class SASRec(nn.Module):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
 
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        """The arrays a federated client sends: all of them (subclasses keep private parts out)."""
+        return self.state_dict()
+
+    def load_shared_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the arrays a federated client received."""
+        self.load_state_dict(dict(state))
+
     def encode_positions(self, items: torch.Tensor) -> torch.Tensor:
         """Hidden state at every position, shape ``(B, L, hidden_size)``."""
         positions = torch.arange(items.shape[1], device=items.device)
@@ -121,6 +129,8 @@ class SASRec(nn.Module):
         logits[:, 0] = -torch.inf
         return F.cross_entropy(logits, targets)
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Training loss of one batch of (sequence, next item) samples."""
+    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+             users: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of one batch of (sequence, next item) samples; ``users`` (each sample's
+        user) serves models with per-user inputs such as LUMOS's views."""
         return self.recommendation_loss(self.encode(items, lengths), targets)

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 
 from lumosrec.dataset import catalog_size
 from lumosrec.evaluation import PROTOCOLS, STAGES, RankCounts
-from lumosrec.federated import build_model, load_data
+from lumosrec.federated import build_model, method_name, run_data
 from lumosrec.results import RunDirectory, peak_rss_mb
 from lumosrec.training import EARLY_STOPPING_METRIC, seed_everything
 from server import checkpoint
@@ -35,6 +35,9 @@ log = logging.getLogger("lumos.server")
 FINGERPRINT_KEYS = (
     "data", "strategy", "seed", "max-len", "hidden-size", "num-layers", "num-heads", "inner-size",
     "fraction-train", "local-epochs", "learning-rate", "batch-size", "client-optimizer", "max-grad-norm",
+    "sample-users", "sample-seed", "objective", "cl-weight", "cl-temperature", "lumos-lambda-future",
+    "lumos-lambda-paraphrase", "lumos-tau", "lumos-counterfactual", "lumos-contrastive-rows", "views",
+    "views-model", "views-items",
 )
 
 
@@ -115,7 +118,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     if str(run["catalog"]):
         dataset_name, num_items = Path(str(run["catalog"])).name, catalog_size(str(run["catalog"]))
     else:
-        dataset = load_data(str(run["data"]))
+        dataset = run_data(run)
         dataset_name, num_items = dataset.name, dataset.num_items
     seed_everything(int(run["seed"]))
     model = build_model(run, num_items)
@@ -183,7 +186,7 @@ def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory) -> dict:
     # e.g. for timing) leaves the metrics empty
     best = max(reversed(evaluated), key=lambda r: r["valid"]["unmasked"][EARLY_STOPPING_METRIC], default={})
     result = {
-        "strategy": f"{run['strategy']}-sasrec",
+        "strategy": method_name(run),
         "dataset": dataset_name,
         "seed": int(run["seed"]),
         "epochs": len(run_dir.history),

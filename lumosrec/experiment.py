@@ -1,0 +1,114 @@
+"""One entry point for every named method (DESIGN.md §5): ``lumos run --method NAME``.
+
+* ``centralized-sasrec``: one SASRec on every user's data (:mod:`lumosrec.centralized`);
+* ``centralized-cl4srec``: the same with CL4SRec's augmentation contrast;
+* ``local-sasrec``: one SASRec per client, no federation (:mod:`lumosrec.local`);
+* ``fedavg-sasrec``: the Flower app with ``objective = "sasrec"``;
+* ``fed-cl4srec``: the Flower app with ``objective = "cl4srec"`` (random crop/mask/reorder views);
+* ``lumos``: the Flower app with ``objective = "lumos"`` (on-device LLM views).
+
+Every method of a comparison gets the same :class:`Budget`, the same split, model sizes and
+evaluation. Federated methods run the real ServerApp and ClientApp, in this process
+(:mod:`lumosrec.inprocess`, the default: same arithmetic, no Ray) or on Flower's Ray
+simulation (``engine="flower"``). A run whose folder already holds ``result.json`` is not run
+again, and an interrupted federated run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from augment.client_views import ViewSettings, prefill_views, views_source
+from lumosrec.errors import ConfigError
+from lumosrec.federated import check_run_config, default_run_config, run_data
+from lumosrec.results import write_json
+
+log = logging.getLogger(__name__)
+
+CENTRALIZED = ("centralized-sasrec", "centralized-cl4srec")
+LOCAL = "local-sasrec"
+#: federated method -> the ClientApp's objective
+FEDERATED = {"fedavg-sasrec": "sasrec", "fed-cl4srec": "cl4srec", "lumos": "lumos"}
+METHODS = (*CENTRALIZED, LOCAL, *FEDERATED)
+ENGINES = ("inprocess", "flower")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training budget of a comparison, stated as a federation's.
+
+    A federation of ``rounds`` rounds that samples ``fraction_train`` of the clients per round
+    and trains ``local_epochs`` epochs per participation passes over each user's data
+    ``rounds * fraction_train * local_epochs`` times in expectation: :attr:`epochs`, the
+    epochs a centralized model (at most, early stopping may end it sooner) and each
+    local-only model get.
+    """
+
+    rounds: int = 30
+    fraction_train: float = 0.1
+    local_epochs: int = 3
+
+    @property
+    def epochs(self) -> int:
+        return max(1, round(self.rounds * self.fraction_train * self.local_epochs))
+
+
+def run_method(method: str, data: str, out: str | Path, seed: int = 2024, budget: Budget = Budget(),
+               run_config: Mapping[str, object] | None = None, engine: str = "inprocess",
+               progress: bool = True) -> dict:
+    """Run ``method`` on ``data`` into ``out`` and return its ``result.json`` payload.
+
+    ``run_config`` holds further ``[tool.flwr.app.config]`` values (``sample-users``, model
+    sizes, LUMOS's weights, ``views``, ...); centralized methods use its model sizes and
+    sample, and train with their own optimizer (Adam, as in :mod:`lumosrec.centralized`).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    out = Path(out).resolve()
+    if (out / "result.json").is_file():
+        log.info("%s: already finished, reusing %s", method, out / "result.json")
+        return json.loads((out / "result.json").read_text())
+    config = {**(run_config or {}), "data": data, "seed": seed, "out-dir": str(out)}
+    if method in CENTRALIZED:
+        return _centralized(method, config, budget, progress)
+    if method == LOCAL:
+        from lumosrec.local import run_local
+
+        return run_local(config, budget.epochs, progress)
+    config.update({"objective": FEDERATED[method], "num-server-rounds": budget.rounds,
+                   "fraction-train": budget.fraction_train, "local-epochs": budget.local_epochs, "resume": True})
+    merged = check_run_config(config, default_run_config())
+    prefill_views(merged, progress)
+    if engine == "flower":
+        from lumosrec.simulate import simulate
+
+        result = simulate(config, progress=progress)
+    else:
+        from lumosrec.inprocess import run_in_process
+
+        result = run_in_process(config)
+    if merged["objective"] == "lumos":
+        result["views"] = views_source(run_data(merged), ViewSettings.from_config(merged, {}))
+        write_json(out / "result.json", result)
+    return result
+
+
+def _centralized(method: str, config: Mapping, budget: Budget, progress: bool) -> dict:
+    from lumosrec.centralized import run_centralized
+    from lumosrec.federated import MODEL_KEYS
+    from lumosrec.training import TrainConfig
+
+    run = check_run_config(config, default_run_config())
+    hyper = {field: run[key] for key, field in MODEL_KEYS.items() if key != "max-len"}
+    if method == "centralized-cl4srec":
+        hyper.update(cl_weight=run["cl-weight"], temperature=run["cl-temperature"])
+    train = TrainConfig(epochs=budget.epochs, patience=budget.epochs, max_len=int(run["max-len"]),
+                        seed=int(run["seed"]), device=str(run["device"]))
+    return run_centralized(method, run_data(run), str(run["out-dir"]), train, hyper, overwrite=True,
+                           progress=progress)
