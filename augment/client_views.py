@@ -69,13 +69,9 @@ class ViewSettings:
         return folder / CACHE_FILE
 
 
-def has_text(dataset: Dataset) -> bool:
-    return any(dataset.titles[1:])
-
-
 def views_source(dataset: Dataset, settings: ViewSettings) -> str:
     """``llm``, ``retrieval:text`` or ``retrieval:model-embeddings`` (catalogs without text)."""
-    if not has_text(dataset):
+    if not dataset.has_text:
         return SOURCE_MODEL_RETRIEVAL
     return SOURCE_LLM if settings.mode == "llm" else SOURCE_TEXT_RETRIEVAL
 
@@ -107,7 +103,7 @@ def client_views(dataset: Dataset, users: Sequence[int], histories: Sequence[np.
     """``{view: item indices}`` for each of ``users`` (dataset indices) from their training
     ``histories``; ``item_embeddings`` (the received model's table) serve catalogs without text."""
     keyed = {dataset.user_ids[user]: [int(i) for i in history] for user, history in zip(users, histories)}
-    if has_text(dataset):
+    if dataset.has_text:
         maker = _text_maker(dataset, settings)
     else:
         if item_embeddings is None:
@@ -136,7 +132,7 @@ def prefill_views(run_config: Mapping, progress: bool = True) -> dict | None:
     if str(run_config["objective"]) != "lumos":
         return None
     dataset = run_data(run_config)
-    if not has_text(dataset):
+    if not dataset.has_text:
         return None
     settings = ViewSettings.from_config(run_config, {})
     return generate_views(dataset, settings.cache_path(dataset.name).parent,

@@ -52,7 +52,7 @@ def item_space(dataset: Dataset, mode: str, encoder: TextEncoder | None, item_em
         if weight is None or weight.shape[0] != dataset.num_items + 1:
             raise ConfigError(f"{item_embeddings} has no item_embedding.weight for {dataset.num_items} items")
         return ItemSpace.from_embeddings(weight.float().numpy())
-    if not any(dataset.titles[1:]):
+    if not dataset.has_text:
         flags = "--item-embeddings MODEL.pt" if mode == "retrieval" else "--views retrieval --item-embeddings MODEL.pt"
         raise ConfigError(f"{dataset.name} has no item titles, so neither an LLM nor text similarity can "
                           f"read it; run with {flags} (a model trained on this dataset)")

@@ -74,6 +74,11 @@ class Dataset:
     def num_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
 
+    @property
+    def has_text(self) -> bool:
+        """Whether any item has a title (LLM views and text similarity need one)."""
+        return any(self.titles[1:])
+
     def subset(self, users: Sequence[int]) -> Dataset:
         """The given users (indices) with the whole catalog, so item indices keep their meaning."""
         return replace(self, sequences=[self.sequences[u] for u in users], user_ids=[self.user_ids[u] for u in users])
