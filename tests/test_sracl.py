@@ -218,4 +218,4 @@ def test_a_catalog_without_titles_is_a_clear_error(tmp_path: Path, capsys: pytes
         f"{u},{i},{t}\n" for u in range(4) for t, i in enumerate([1, 2, 3, 4])))
     (folder / "items.csv").write_text("item_id,title,categories\n1,,\n2,,\n3,,\n4,,\n")
     assert main(["train", "--strategy", "sracl", "--data", str(folder), "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "has no item titles" in capsys.readouterr().err
+    assert "SRA-CL reads item titles" in capsys.readouterr().err
