@@ -1,10 +1,13 @@
-"""The on-device view cache: one record per user and view, in one SQLite file.
+"""On-device caches of LLM output, in SQLite files.
 
-Records are keyed by (model, prompt version, user, view) and carry the hash of the history
-they were made from: a lookup with another hash misses, so a user whose history grew is
-regenerated while everyone else is reused. All views of a user are written in one
-transaction, so a kill leaves either all of a user's views or none of them, and a rerun
-resumes with the users still missing.
+:class:`ViewCache` holds LUMOS's views: one record per user and view, keyed by (model, prompt
+version, user, view), carrying the hash of the history they were made from. A lookup with
+another hash misses, so a user whose history grew is regenerated while everyone else is
+reused. All views of a user are written in one transaction, so a kill leaves either all of a
+user's views or none of them, and a rerun resumes with the users still missing.
+
+:class:`TextCache` holds SRA-CL's texts (user summaries, item descriptions) the same way,
+keyed by (model, prompt version, kind, key) and the hash of the prompt's input.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA = """
+VIEW_SCHEMA = """
 CREATE TABLE IF NOT EXISTS views (
     model TEXT NOT NULL, prompt_version TEXT NOT NULL, user TEXT NOT NULL, view TEXT NOT NULL,
     history_hash TEXT NOT NULL, record TEXT NOT NULL,
@@ -46,16 +49,33 @@ class View:
     text: str = ""
 
 
-class ViewCache:
-    """Views of users, persisted in ``path`` (SQLite)."""
+TEXT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS texts (
+    model TEXT NOT NULL, prompt_version TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
+    input_hash TEXT NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (model, prompt_version, kind, key)
+)
+"""
 
-    def __init__(self, path: str | Path) -> None:
+
+class _SQLiteCache:
+    def __init__(self, path: str | Path, schema: str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # several client processes of a simulation may share one cache file
         self._db = sqlite3.connect(self.path, timeout=120, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(SCHEMA)
+        self._db.execute(schema)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class ViewCache(_SQLiteCache):
+    """Views of users, persisted in ``path`` (SQLite)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, VIEW_SCHEMA)
 
     def get(self, model: str, prompt_version: str, user: str, views: Iterable[str],
             expected_hash: str) -> dict[str, View] | None:
@@ -79,5 +99,28 @@ class ViewCache:
         rows = self._db.execute("SELECT view, record FROM views WHERE user=? ORDER BY rowid", (user,))
         return {view: View(**json.loads(record)) for view, record in rows}
 
-    def close(self) -> None:
-        self._db.close()
+
+class TextCache(_SQLiteCache):
+    """Generated texts (``kind``: ``user`` summaries, ``item`` descriptions), persisted in ``path``."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, TEXT_SCHEMA)
+
+    def get(self, model: str, prompt_version: str, kind: str, keys: Sequence[str],
+            input_hashes: Sequence[str]) -> dict[str, str]:
+        """The cached text of each key whose stored input hash matches."""
+        keys, expected, found = list(keys), dict(zip(keys, input_hashes)), {}
+        for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
+            chunk = keys[start : start + 500]
+            rows = self._db.execute(
+                f"SELECT key, input_hash, text FROM texts WHERE model=? AND prompt_version=? AND kind=? "
+                f"AND key IN ({','.join('?' * len(chunk))})", (model, prompt_version, kind, *chunk))
+            found.update({key: text for key, digest, text in rows if expected[key] == digest})
+        return found
+
+    def put(self, model: str, prompt_version: str, kind: str, texts: dict[str, tuple[str, str]]) -> None:
+        """Store ``{key: (input hash, text)}`` in one transaction."""
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO texts VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(model, prompt_version, kind, key, digest, text)
+                                  for key, (digest, text) in texts.items()])

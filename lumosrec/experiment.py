@@ -2,6 +2,7 @@
 
 * ``centralized-sasrec``: one SASRec on every user's data (:mod:`lumosrec.centralized`);
 * ``centralized-cl4srec``: the same with CL4SRec's augmentation contrast;
+* ``sracl``: the same with SRA-CL's semantic-retrieval contrast (:mod:`models.sracl`);
 * ``local-sasrec``: one SASRec per client, no federation (:mod:`lumosrec.local`);
 * ``fedavg-sasrec``: the Flower app with ``objective = "sasrec"``;
 * ``fed-cl4srec``: the Flower app with ``objective = "cl4srec"`` (random crop/mask/reorder views);
@@ -19,22 +20,33 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from augment.client_views import ViewSettings, prefill_views, views_source
+from augment.runtime import RuntimeConfig
+from augment.semantic import SemanticConfig
 from lumosrec.errors import ConfigError
 from lumosrec.federated import check_run_config, default_run_config, run_data
 from lumosrec.results import write_json
 
 log = logging.getLogger(__name__)
 
-CENTRALIZED = ("centralized-sasrec", "centralized-cl4srec")
+CENTRALIZED = ("centralized-sasrec", "centralized-cl4srec", "sracl")
 LOCAL = "local-sasrec"
 #: federated method -> the ClientApp's objective
 FEDERATED = {"fedavg-sasrec": "sasrec", "fed-cl4srec": "cl4srec", "lumos": "lumos"}
 METHODS = (*CENTRALIZED, LOCAL, *FEDERATED)
 ENGINES = ("inprocess", "flower")
+
+
+@dataclass(frozen=True)
+class SRACLSettings:
+    """``sracl``'s model hyper-parameters (``alpha``, ``beta``, ``synthesizer``, ...), semantic side and LLM."""
+
+    hyper: Mapping[str, object] = field(default_factory=dict)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 @dataclass(frozen=True)
@@ -59,12 +71,13 @@ class Budget:
 
 def run_method(method: str, data: str, out: str | Path, seed: int = 2024, budget: Budget = Budget(),
                run_config: Mapping[str, object] | None = None, engine: str = "inprocess",
-               progress: bool = True) -> dict:
+               progress: bool = True, sracl: SRACLSettings | None = None) -> dict:
     """Run ``method`` on ``data`` into ``out`` and return its ``result.json`` payload.
 
     ``run_config`` holds further ``[tool.flwr.app.config]`` values (``sample-users``, model
     sizes, LUMOS's weights, ``views``, ...); centralized methods use its model sizes and
     sample, and train with their own optimizer (Adam, as in :mod:`lumosrec.centralized`).
+    ``sracl`` configures the ``sracl`` method (its defaults otherwise).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -76,7 +89,7 @@ def run_method(method: str, data: str, out: str | Path, seed: int = 2024, budget
         return json.loads((out / "result.json").read_text())
     config = {**(run_config or {}), "data": data, "seed": seed, "out-dir": str(out)}
     if method in CENTRALIZED:
-        return _centralized(method, config, budget, progress)
+        return _centralized(method, config, budget, progress, sracl or SRACLSettings())
     if method == LOCAL:
         from lumosrec.local import run_local
 
@@ -99,7 +112,7 @@ def run_method(method: str, data: str, out: str | Path, seed: int = 2024, budget
     return result
 
 
-def _centralized(method: str, config: Mapping, budget: Budget, progress: bool) -> dict:
+def _centralized(method: str, config: Mapping, budget: Budget, progress: bool, sracl: SRACLSettings) -> dict:
     from lumosrec.centralized import run_centralized
     from lumosrec.federated import MODEL_KEYS
     from lumosrec.training import TrainConfig
@@ -108,7 +121,9 @@ def _centralized(method: str, config: Mapping, budget: Budget, progress: bool) -
     hyper = {field: run[key] for key, field in MODEL_KEYS.items() if key != "max-len"}
     if method == "centralized-cl4srec":
         hyper.update(cl_weight=run["cl-weight"], temperature=run["cl-temperature"])
+    if method == "sracl":
+        hyper.update(sracl.hyper)
     train = TrainConfig(epochs=budget.epochs, patience=budget.epochs, max_len=int(run["max-len"]),
                         seed=int(run["seed"]), device=str(run["device"]))
     return run_centralized(method, run_data(run), str(run["out-dir"]), train, hyper, overwrite=True,
-                           progress=progress)
+                           progress=progress, semantic=sracl.semantic, runtime=sracl.runtime)

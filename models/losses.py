@@ -37,3 +37,21 @@ def info_nce(
 def symmetric_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """InfoNCE in both directions, averaged: two views of a sequence are interchangeable."""
     return 0.5 * (info_nce(first, second, temperature) + info_nce(second, first, temperature))
+
+
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    r"""NT-Xent (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual
+    Representations"): the ``2B`` rows of both views together; each row's positive is its
+    counterpart in the other view, the other ``2B - 2`` rows are its negatives. Dot-product
+    similarity, as in the SRA-CL code's ``info_nce``.
+
+    Parameters
+    ----------
+    first, second : Tensor, shape (B, d)
+    """
+    rows = torch.cat([first, second])
+    logits = rows @ rows.T / temperature
+    logits.fill_diagonal_(-torch.inf)
+    size = first.shape[0]
+    labels = torch.cat([torch.arange(size, 2 * size), torch.arange(size)]).to(rows.device)
+    return F.cross_entropy(logits, labels)

@@ -1,0 +1,147 @@
+"""SRA-CL against the centralized baselines, its ablations, and the LLM cost of its semantic side.
+
+``sracl``, ``centralized-sasrec`` and ``centralized-cl4srec`` on ``ml-100k`` and the same
+``amazon-beauty`` user subset as the LUMOS table (``--beauty-users``, ``--sample-seed``), for
+every seed; SRA-CL's ablations (``--ablation-datasets``). Every run trains with Adam and early
+stopping on validation MRR@10, at the SRA-CL code's ``--max-len 20``. Runs are folders
+``<out>/<dataset>/<label>/seed<k>``; finished ones are reused. Writes ``report.md`` and
+``table_sracl.json``: HR/NDCG mean ± std, SRA-CL's relative gain over the best contrastive
+baseline, and per dataset the semantic side's LLM cost (tokens, minutes, users and items
+per minute). The texts are made once per dataset and cached, so only the first run pays.
+
+::
+
+    python experiments/table_sracl.py --data-root ../shared/data --out results/table_sracl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from augment.runtime import RuntimeConfig
+from augment.semantic import SemanticConfig
+from experiments.table_main import MAIN_METRICS, PROTOCOL, _cell, gain, run_folder, summarize
+from lumosrec.centralized import run_centralized
+from lumosrec.federated import load_data
+from lumosrec.results import write_json
+from lumosrec.training import TrainConfig
+
+METHODS = ("centralized-sasrec", "centralized-cl4srec", "sracl")
+#: ablation label -> (model hyper-parameters, semantic-side settings) of ``sracl``
+ABLATIONS = {
+    "sracl w/o user CL": ({"alpha": 0.0}, {}),
+    "sracl w/o item CL": ({"beta": 0.0}, {}),
+    "sracl hard-rule synthesizer": ({"synthesizer": "top1"}, {}),
+    "sracl random retrieval": ({}, {"retrieval": "random"}),
+    "sracl raw-text": ({}, {"source": "raw-text"}),  # the paper's "w/o LLM": titles embedded as they are
+}
+SAMPLED = ("amazon-beauty",)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict, dict, int]]:
+    """``(dataset, label, strategy, hyper, semantic settings, seed)`` of every run."""
+    runs = [(dataset, method, method, {}, {}, seed)
+            for dataset in args.datasets for method in args.methods for seed in args.seeds]
+    runs += [(dataset, label, "sracl", hyper, semantic, seed) for dataset in args.ablation_datasets
+             for label, (hyper, semantic) in ABLATIONS.items() for seed in args.ablation_seeds]
+    return runs
+
+
+def execute(args: argparse.Namespace) -> None:
+    for dataset, label, strategy, hyper, semantic, seed in plan(args):
+        out = run_folder(args.out, dataset, label, seed)
+        if (out / "result.json").is_file():
+            continue
+        print(f"== {dataset} / {label} / seed {seed}", flush=True)
+        data = load_data(str(args.data_root / dataset), args.beauty_users if dataset in SAMPLED else 0,
+                         args.sample_seed)
+        train = TrainConfig(epochs=args.epochs, patience=args.patience, max_len=args.max_len, seed=seed)
+        run_centralized(strategy, data, out, train, hyper, overwrite=True, progress=not args.quiet,
+                        semantic=SemanticConfig(**semantic), runtime=RuntimeConfig(model=args.llm_model))
+
+
+def report(args: argparse.Namespace) -> Path:
+    found: dict[str, dict[str, list[dict]]] = {}
+    for dataset, label, _, _, _, seed in plan(args):
+        path = run_folder(args.out, dataset, label, seed) / "result.json"
+        if path.is_file():
+            found.setdefault(dataset, {}).setdefault(label, []).append(json.loads(path.read_text()))
+    payload: dict = {}
+    lines = ["# SRA-CL: first results", "",
+             f"Centralized, Adam, early stopping on validation MRR@10 (patience {args.patience}, at most "
+             f"{args.epochs} epochs), max length {args.max_len}; test metrics, {PROTOCOL} full ranking, "
+             "mean ± std over seeds.", "",
+             "| dataset | method | seeds | " + " | ".join(MAIN_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(MAIN_METRICS)]
+    for dataset, rows in found.items():
+        name = f"{dataset} ({args.beauty_users} users, seed {args.sample_seed})" if dataset in SAMPLED else dataset
+        for label, results in rows.items():
+            summary = summarize([{"result": result} for result in results])
+            payload.setdefault(dataset, {})[label] = summary
+            lines.append(f"| {name} | {label} | {len(results)} | " + " | ".join(_cell(summary[m]) for m in MAIN_METRICS)
+                         + " |")
+    lines += ["", "## Gain of sracl over the best contrastive baseline", "",
+              "| dataset | baseline | HR@20 gain | NDCG@20 gain |", "|---|---|---|---|"]
+    gains = {}
+    for dataset, rows in payload.items():
+        if "sracl" in rows and "centralized-cl4srec" in rows:
+            cells = {m: gain(rows["sracl"][m], rows["centralized-cl4srec"][m]) for m in ("HR@20", "NDCG@20")}
+            gains[dataset] = cells
+            lines.append(f"| {dataset} | centralized-cl4srec | " + " | ".join(
+                f"{c['relative']:+.1%}{'' if c['beyond_noise'] else ' (within noise)'}" for c in cells.values()) + " |")
+    costs = {dataset: _llm_cost(rows) for dataset, rows in found.items() if "sracl" in rows}
+    lines += ["", "## LLM cost of the semantic side (first run; later runs read the cache)", "",
+              "| dataset | texts | tokens | minutes | users/min | items/min |", "|---|---|---|---|---|---|"]
+    for dataset, cost in costs.items():
+        lines.append(f"| {dataset} | {cost['users']} users, {cost['items']} items | {cost['tokens']} | "
+                     f"{cost['minutes']:.1f} | {cost['users_per_minute'] or 0:.1f} | {cost['items_per_minute'] or 0:.1f} |")
+    path = args.out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    write_json(args.out / "table_sracl.json", {"main": payload, "gains": gains, "llm_cost": costs,
+                                               "epochs": args.epochs, "patience": args.patience,
+                                               "max_len": args.max_len, "seeds": args.seeds})
+    print("\n".join(lines))
+    return path
+
+
+def _llm_cost(rows: dict[str, list[dict]]) -> dict:
+    """The largest generation any ``sracl`` run of a dataset did (the one that filled the cache)."""
+    reports = [result["semantic"] for label, results in rows.items() if label.startswith("sracl")
+               for result in results if result.get("semantic", {}).get("source") == "llm"]
+    first = max(reports, key=lambda r: r["user_texts"]["made"] + r["item_texts"]["made"], default=None)
+    if first is None:
+        return {"users": 0, "items": 0, "tokens": 0, "minutes": 0.0, "users_per_minute": None, "items_per_minute": None}
+    user, item = first["user_texts"], first["item_texts"]
+    return {"users": user["made"], "items": item["made"], "tokens": user["completion_tokens"] + item["completion_tokens"],
+            "minutes": user["minutes"] + item["minutes"], "users_per_minute": user["per_minute"],
+            "items_per_minute": item["per_minute"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=Path("results/table_sracl"))
+    parser.add_argument("--datasets", nargs="*", default=["ml-100k", "amazon-beauty"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
+    parser.add_argument("--ablation-datasets", nargs="*", default=["amazon-beauty"])
+    parser.add_argument("--ablation-seeds", nargs="*", type=int, default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--max-len", type=int, default=20, help="the SRA-CL code's maxlen")
+    parser.add_argument("--beauty-users", type=int, default=1000, help="the LUMOS table's Beauty subset")
+    parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument("--llm-model", default=RuntimeConfig.model)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        execute(args)
+    print(f"\nwritten: {report(args)}")
+
+
+if __name__ == "__main__":
+    main()
