@@ -170,8 +170,12 @@ def preceding_items(train: Sequence[np.ndarray], count: int) -> dict[int, list[i
         for previous, item in zip(sequence[:-1].tolist(), sequence[1:].tolist()):
             if previous != item:
                 before.setdefault(item, Counter())[previous] += 1
-    items = {int(i) for sequence in train for i in sequence.tolist()}
-    return {item: [i for i, _ in before.get(item, Counter()).most_common(count)] for item in sorted(items)}
+    return {item: [i for i, _ in before.get(item, Counter()).most_common(count)] for item in training_items(train)}
+
+
+def training_items(train: Sequence[np.ndarray]) -> list[int]:
+    """Every item of the training sequences, in index order."""
+    return sorted({int(i) for sequence in train for i in sequence.tolist()})
 
 
 def _digest(prompt: Chat) -> str:
@@ -250,9 +254,8 @@ def semantic_texts(dataset: Dataset, split: LeaveOneOut, config: SemanticConfig,
     if config.source == "raw-text":
         users = ["; ".join(titles[i] for i in sequence[-config.history_len:].tolist() if titles[i])
                  for sequence in split.train]
-        seen = {int(i) for sequence in split.train for i in sequence.tolist() if titles[int(i)]}
         items = {item: f"{titles[item]} ({', '.join(categories[item])})" if categories[item] else titles[item]
-                 for item in seen}
+                 for item in training_items(split.train) if titles[item]}
         return users, items, {"source": "raw-text"}
     user_prompts, item_prompts = semantic_prompts(dataset, split, config)
     generator = LazyGenerator(runtime)

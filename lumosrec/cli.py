@@ -121,6 +121,8 @@ def sracl_settings(args: argparse.Namespace) -> tuple[dict, SemanticConfig, Runt
 
     if args.k < 1 or args.llm_batch < 1:
         raise ConfigError("--k and --llm-batch must be at least 1")
+    if min(args.alpha or 0.0, args.beta or 0.0) < 0:
+        raise ConfigError("--alpha and --beta weigh losses and cannot be negative (0 turns a term off)")
     hyper = {name: getattr(args, name) for name in SRACL_HYPER if getattr(args, name) is not None}
     if args.no_user_cl:
         hyper["alpha"] = 0.0

@@ -66,7 +66,8 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 class RunDirectory:
-    """Owns one run's output folder."""
+    """Owns one run's output folder, made by its first write: a run that fails while it is
+    being set up (a bad model name, a catalog without titles) leaves no empty folder behind."""
 
     def __init__(self, path: str | Path, overwrite: bool = False) -> None:
         self.path = Path(path)
@@ -76,7 +77,6 @@ class RunDirectory:
             )
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} exists and is not a folder")
-        self.path.mkdir(parents=True, exist_ok=True)
         self.history: list[dict] = []
 
     def write_config(self, config: dict) -> None:
@@ -89,6 +89,7 @@ class RunDirectory:
     def save_model(self, state_dict: dict[str, torch.Tensor], model_config: dict) -> None:
         target = self.path / "model.pt"
         temporary = target.with_suffix(".pt.tmp")
+        self.path.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": state_dict, "config": model_config}, temporary)
         os.replace(temporary, target)
 

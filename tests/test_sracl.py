@@ -190,6 +190,8 @@ def test_lumos_train_sracl_with_ablation_flags(tmp_path: Path, capsys: pytest.Ca
     capsys.readouterr()
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--alpha", "0.2"]) == 2
     assert "use them with sracl" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "negative"), "--beta", "-0.1"]) == 2
+    assert "cannot be negative" in capsys.readouterr().err
 
 
 def test_sracl_table_reports_gains_ablations_and_llm_cost(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -219,3 +221,4 @@ def test_a_catalog_without_titles_is_a_clear_error(tmp_path: Path, capsys: pytes
     (folder / "items.csv").write_text("item_id,title,categories\n1,,\n2,,\n3,,\n4,,\n")
     assert main(["train", "--strategy", "sracl", "--data", str(folder), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "SRA-CL reads item titles" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no empty folder
