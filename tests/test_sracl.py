@@ -127,7 +127,7 @@ def _model(num_users: int = 12, num_items: int = 30, **overrides) -> tuple[SRACL
 
 
 def test_the_positive_is_the_synthesizer_mix_of_the_neighbours_encodings() -> None:
-    model, sequences = _model()
+    model, _ = _model()
     model.eval()  # no dropout: the mix is exact
     users = torch.tensor([0, 5, 5, 11])
     weights = model.synthesizer_weights(users)
@@ -158,7 +158,7 @@ def test_substitution_uses_semantic_neighbours_at_the_configured_rate() -> None:
 
 @pytest.mark.parametrize("alpha, beta", [(0.1, 0.0), (0.0, 0.1), (0.0, 0.0)])
 def test_each_term_switches_off_and_only_the_user_term_trains_the_synthesizer(alpha: float, beta: float) -> None:
-    model, sequences = _model(alpha=alpha, beta=beta)
+    model, _ = _model(alpha=alpha, beta=beta)
     items = torch.tensor([[3, 4, 5, 0], [7, 8, 9, 10]])
     lengths, targets, users = torch.tensor([3, 4]), torch.tensor([6, 11]), torch.tensor([2, 7])
     model.train()
@@ -195,7 +195,7 @@ def test_lumos_train_sracl_with_ablation_flags(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_sracl_table_reports_gains_ablations_and_llm_cost(tmp_path: Path, tiny_model_dir: Path) -> None:
-    data = write_folder(generate(SyntheticConfig(num_users=60, items_per_category=6, seed=6)), tmp_path / "syn")
+    write_folder(generate(SyntheticConfig(num_users=60, items_per_category=6, seed=6)), tmp_path / "syn")
     out = tmp_path / "table"
     command = [sys.executable, str(ROOT / "experiments" / "table_sracl.py"), "--data-root", str(tmp_path),
                "--out", str(out), "--datasets", "syn", "--seeds", "1", "2", "--ablation-datasets", "syn",
