@@ -58,14 +58,24 @@ CREATE TABLE IF NOT EXISTS texts (
 """
 
 
+#: one row per generated batch, so that the cost of a cache filled over several (resumed) runs adds up
+GENERATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS generation (
+    model TEXT NOT NULL, prompt_version TEXT NOT NULL, kind TEXT NOT NULL,
+    texts INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, seconds REAL NOT NULL
+)
+"""
+
+
 class _SQLiteCache:
-    def __init__(self, path: str | Path, schema: str) -> None:
+    def __init__(self, path: str | Path, *schemas: str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # several client processes of a simulation may share one cache file
         self._db = sqlite3.connect(self.path, timeout=120, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(schema)
+        for schema in schemas:
+            self._db.execute(schema)
 
     def close(self) -> None:
         self._db.close()
@@ -104,7 +114,7 @@ class TextCache(_SQLiteCache):
     """Generated texts (``kind``: ``user`` summaries, ``item`` descriptions), persisted in ``path``."""
 
     def __init__(self, path: str | Path) -> None:
-        super().__init__(path, TEXT_SCHEMA)
+        super().__init__(path, TEXT_SCHEMA, GENERATION_SCHEMA)
 
     def get(self, model: str, prompt_version: str, kind: str, keys: Sequence[str],
             input_hashes: Sequence[str]) -> dict[str, str]:
@@ -118,9 +128,19 @@ class TextCache(_SQLiteCache):
             found.update({key: text for key, digest, text in rows if expected[key] == digest})
         return found
 
-    def put(self, model: str, prompt_version: str, kind: str, texts: dict[str, tuple[str, str]]) -> None:
-        """Store ``{key: (input hash, text)}`` in one transaction."""
+    def put(self, model: str, prompt_version: str, kind: str, texts: dict[str, tuple[str, str]],
+            completion_tokens: int, seconds: float) -> None:
+        """Store ``{key: (input hash, text)}`` and what generating them cost, in one transaction."""
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO texts VALUES (?, ?, ?, ?, ?, ?)",
                                  [(model, prompt_version, kind, key, digest, text)
                                   for key, (digest, text) in texts.items()])
+            self._db.execute("INSERT INTO generation VALUES (?, ?, ?, ?, ?, ?)",
+                             (model, prompt_version, kind, len(texts), completion_tokens, seconds))
+
+    def cost(self, model: str, prompt_version: str, kind: str) -> dict[str, float]:
+        """What generating every stored text of ``kind`` cost, over all the runs that made them."""
+        texts, tokens, seconds = self._db.execute(
+            "SELECT COALESCE(SUM(texts), 0), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(seconds), 0.0) "
+            "FROM generation WHERE model=? AND prompt_version=? AND kind=?", (model, prompt_version, kind)).fetchone()
+        return {"made": texts, "completion_tokens": tokens, "seconds": seconds}

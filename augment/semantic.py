@@ -192,10 +192,14 @@ class TextStats:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        made = self.texts - self.from_cache
-        return {**asdict(self), "made": made, "minutes": self.seconds / 60,
-                "per_minute": 60 * made / self.seconds if self.seconds else None,
-                "tokens_per_second": self.completion_tokens / self.seconds if self.seconds else None}
+        return {**asdict(self), **rates(self.texts - self.from_cache, self.completion_tokens, self.seconds)}
+
+
+def rates(made: int, completion_tokens: int, seconds: float) -> dict:
+    """``made`` texts of ``completion_tokens`` in ``seconds``, per minute and per second."""
+    return {"made": made, "completion_tokens": completion_tokens, "seconds": seconds, "minutes": seconds / 60,
+            "per_minute": 60 * made / seconds if seconds else None,
+            "tokens_per_second": completion_tokens / seconds if seconds else None}
 
 
 def generate_texts(kind: str, prompts: dict[str, Chat], generator: Generator, model_key: str, cache: TextCache,
@@ -206,19 +210,21 @@ def generate_texts(kind: str, prompts: dict[str, Chat], generator: Generator, mo
     texts = cache.get(model_key, PROMPT_VERSION, kind, list(digests), list(digests.values()))
     pending = [key for key in prompts if key not in texts]
     stats = TextStats(texts=len(prompts), from_cache=len(texts))
-    tokens_before, started = generator.stats.completion_tokens, time.perf_counter()
     bar = tqdm(total=len(pending), desc=f"{kind} texts", unit=kind, disable=not progress or not pending)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
+        tokens_before, batch_started = generator.stats.completion_tokens, time.perf_counter()
         outputs = generator.generate([prompts[key] for key in batch], max_new_tokens)
         made = {key: " ".join(text.split()) for key, text in zip(batch, outputs)}
-        cache.put(model_key, PROMPT_VERSION, kind, {key: (digests[key], text) for key, text in made.items()})
+        tokens, seconds = generator.stats.completion_tokens - tokens_before, time.perf_counter() - batch_started
+        cache.put(model_key, PROMPT_VERSION, kind, {key: (digests[key], text) for key, text in made.items()},
+                  tokens, seconds)
         texts.update(made)
+        stats.completion_tokens += tokens
+        stats.seconds += seconds
         bar.update(len(batch))
-        bar.set_postfix(per_min=f"{60 * bar.n / (time.perf_counter() - started):.1f}")
+        bar.set_postfix(per_min=f"{60 * bar.n / stats.seconds:.1f}")
     bar.close()
-    stats.seconds = time.perf_counter() - started if pending else 0.0
-    stats.completion_tokens = generator.stats.completion_tokens - tokens_before
     return texts, stats
 
 
@@ -267,12 +273,15 @@ def semantic_texts(dataset: Dataset, split: LeaveOneOut, config: SemanticConfig,
         item_texts, item_stats = generate_texts("item", item_prompts, generator, generator.key, cache,
                                                 config.item_tokens, runtime.batch_size, progress)
         model = generator.model_info()
+        # what the whole cache cost, whichever runs (resumed, interrupted) made its texts
+        generation = {kind: rates(**cache.cost(generator.key, PROMPT_VERSION, kind)) for kind in ("user", "item")}
     finally:
         cache.close()
         generator.close()
     report = {"source": "llm", "dataset": dataset.name, "users": dataset.num_users, "prompt_version": PROMPT_VERSION,
               "model": model, "runtime": asdict(runtime), "user_texts": user_stats.summary(),
-              "item_texts": item_stats.summary(), "peak_rss_mb": peak_rss_mb(), "versions": environment()}
+              "item_texts": item_stats.summary(), "generation": generation, "peak_rss_mb": peak_rss_mb(),
+              "versions": environment()}
     write_json(folder / REPORT_FILE, report)
     users = [user_texts[user] for user in dataset.user_ids]
     # the title first: a small model's description can drift from the item it describes

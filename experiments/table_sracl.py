@@ -6,8 +6,9 @@ every seed; SRA-CL's ablations (``--ablation-datasets``). Every run trains with 
 stopping on validation MRR@10, at the SRA-CL code's ``--max-len 20``. Runs are folders
 ``<out>/<dataset>/<label>/seed<k>``; finished ones are reused. Writes ``report.md`` and
 ``table_sracl.json``: HR/NDCG mean ± std, SRA-CL's relative gain over the best contrastive
-baseline, and per dataset the semantic side's LLM cost (tokens, minutes, users and items
-per minute). The texts are made once per dataset and cached, so only the first run pays.
+baseline, the median training seconds per epoch, and per dataset the semantic side's LLM
+cost (tokens, minutes, users and items per minute). The texts are made once per dataset and
+cached, so only the first run pays; the cache records that cost for the runs that follow.
 
 ::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from augment.runtime import RuntimeConfig
@@ -73,15 +75,16 @@ def report(args: argparse.Namespace) -> Path:
              f"Centralized, Adam, early stopping on validation MRR@10 (patience {args.patience}, at most "
              f"{args.epochs} epochs), max length {args.max_len}; test metrics, {PROTOCOL} full ranking, "
              "mean ± std over seeds.", "",
-             "| dataset | method | seeds | " + " | ".join(MAIN_METRICS) + " |",
-             "|---|---|---|" + "---|" * len(MAIN_METRICS)]
+             "| dataset | method | seeds | " + " | ".join(MAIN_METRICS) + " | s/epoch |",
+             "|---|---|---|" + "---|" * (len(MAIN_METRICS) + 1)]
     for dataset, rows in found.items():
         name = f"{dataset} ({args.beauty_users} users, seed {args.sample_seed})" if dataset in SAMPLED else dataset
         for label, results in rows.items():
             summary = summarize([{"result": result} for result in results])
+            summary["seconds_per_epoch"] = statistics.median(result["seconds_per_epoch"] for result in results)
             payload.setdefault(dataset, {})[label] = summary
             lines.append(f"| {name} | {label} | {len(results)} | " + " | ".join(_cell(summary[m]) for m in MAIN_METRICS)
-                         + " |")
+                         + f" | {summary['seconds_per_epoch']:.0f} |")
     lines += ["", "## Gain of sracl over the best contrastive baseline", "",
               "| dataset | baseline | HR@20 gain | NDCG@20 gain |", "|---|---|---|---|"]
     gains = {}
@@ -107,13 +110,13 @@ def report(args: argparse.Namespace) -> Path:
 
 
 def _llm_cost(rows: dict[str, list[dict]]) -> dict:
-    """The largest generation any ``sracl`` run of a dataset did (the one that filled the cache)."""
-    reports = [result["semantic"] for label, results in rows.items() if label.startswith("sracl")
-               for result in results if result.get("semantic", {}).get("source") == "llm"]
-    first = max(reports, key=lambda r: r["user_texts"]["made"] + r["item_texts"]["made"], default=None)
-    if first is None:
+    """What making a dataset's cached texts cost, as its ``sracl`` runs read it from the cache."""
+    reports = [result["semantic"]["generation"] for label, results in rows.items() if label.startswith("sracl")
+               for result in results if "generation" in result.get("semantic", {})]
+    if not reports:
         return {"users": 0, "items": 0, "tokens": 0, "minutes": 0.0, "users_per_minute": None, "items_per_minute": None}
-    user, item = first["user_texts"], first["item_texts"]
+    fullest = max(reports, key=lambda r: r["user"]["made"] + r["item"]["made"])
+    user, item = fullest["user"], fullest["item"]
     return {"users": user["made"], "items": item["made"], "tokens": user["completion_tokens"] + item["completion_tokens"],
             "minutes": user["minutes"] + item["minutes"], "users_per_minute": user["per_minute"],
             "items_per_minute": item["per_minute"]}

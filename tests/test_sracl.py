@@ -71,6 +71,11 @@ def test_texts_are_generated_once_then_read_from_the_cache(secret_targets: Path,
     second = build_semantic_side(dataset, split, config, runtime, progress=False)
     assert second.report["user_texts"]["from_cache"] == 8 and second.report["item_texts"]["made"] == 0
     assert second.report["model"]["loaded"] is False  # nothing to generate: the LLM is never loaded
+    # the cache keeps what making its texts cost, for runs that only read it
+    for kind in ("user", "item"):
+        made_then, kept = report[f"{kind}_texts"], second.report["generation"][kind]
+        assert kept["made"] == 8 and kept["completion_tokens"] == made_then["completion_tokens"]
+        assert kept["seconds"] == pytest.approx(made_then["seconds"])
     np.testing.assert_array_equal(first.user_neighbours, second.user_neighbours)
     assert first.user_neighbours.shape == (8, 3)
     assert not (first.user_neighbours == np.arange(8)[:, None]).any()
