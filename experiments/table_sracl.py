@@ -98,6 +98,10 @@ def report(args: argparse.Namespace) -> Path:
     lines += ["", "## LLM cost of the semantic side (first run; later runs read the cache)", "",
               "| dataset | texts | tokens | minutes | users/min | items/min |", "|---|---|---|---|---|---|"]
     for dataset, cost in costs.items():
+        if not cost["users"] + cost["items"]:
+            lines.append(f"| {dataset} | no generation recorded in the text cache (texts from an older version) |"
+                         " | | | |")
+            continue
         lines.append(f"| {dataset} | {cost['users']} users, {cost['items']} items | {cost['tokens']} | "
                      f"{cost['minutes']:.1f} | {cost['users_per_minute'] or 0:.1f} | {cost['items_per_minute'] or 0:.1f} |")
     path = args.out / "report.md"
