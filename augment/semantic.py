@@ -192,7 +192,8 @@ class TextStats:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        return {**asdict(self), **rates(self.texts - self.from_cache, self.completion_tokens, self.seconds)}
+        return {"texts": self.texts, "from_cache": self.from_cache,
+                **rates(self.texts - self.from_cache, self.completion_tokens, self.seconds)}
 
 
 def rates(made: int, completion_tokens: int, seconds: float) -> dict:
