@@ -4,7 +4,8 @@
 ``amazon-beauty`` user subset as the LUMOS table (``--beauty-users``, ``--sample-seed``), for
 every seed; SRA-CL's ablations (``--ablation-datasets``). Every run trains with Adam and early
 stopping on validation MRR@10, at the SRA-CL code's ``--max-len 20``. Runs are folders
-``<out>/<dataset>/<label>/seed<k>``; finished ones are reused. Writes ``report.md`` and
+``<out>/<dataset>/<label>/seed<k>``; a finished one is reused when the asked settings would
+repeat it, and run again otherwise (see :func:`repeats`). Writes ``report.md`` and
 ``table_sracl.json``: HR/NDCG mean ± std, SRA-CL's relative gain over the best contrastive
 baseline, the median training seconds per epoch, and per dataset the semantic side's LLM
 cost (tokens, minutes, users and items per minute). The texts are made once per dataset and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from augment.runtime import RuntimeConfig
@@ -51,15 +53,36 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict, dict, int]
     return runs
 
 
+def repeats(out: Path, train: TrainConfig) -> bool:
+    """Whether the finished run in ``out`` is the run that ``train`` would make.
+
+    The epoch cap is the one setting allowed to differ: nothing in training depends on it, so
+    a run that early stopping ended at epoch ``E`` is the same run under any cap of at least
+    ``E``. A run that reached its own cap is not, as it might have gone on improving.
+    """
+    if not (out / "result.json").is_file():
+        return False
+    done = json.loads((out / "config.json").read_text())["train"]
+    epochs_run = json.loads((out / "result.json").read_text())["epochs"]
+    if {**done, "epochs": 0} != {**asdict(train), "epochs": 0}:
+        return False
+    stopped_early = epochs_run < done["epochs"]
+    return train.epochs == done["epochs"] or (stopped_early and epochs_run <= train.epochs)
+
+
+def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, patience=args.patience, max_len=args.max_len, seed=seed)
+
+
 def execute(args: argparse.Namespace) -> None:
     for dataset, label, strategy, hyper, semantic, seed in plan(args):
         out = run_folder(args.out, dataset, label, seed)
-        if (out / "result.json").is_file():
+        train = train_config(args, seed)
+        if repeats(out, train):
             continue
         print(f"== {dataset} / {label} / seed {seed}", flush=True)
         data = load_data(str(args.data_root / dataset), args.beauty_users if dataset in SAMPLED else 0,
                          args.sample_seed)
-        train = TrainConfig(epochs=args.epochs, patience=args.patience, max_len=args.max_len, seed=seed)
         run_centralized(strategy, data, out, train, hyper, overwrite=True, progress=not args.quiet,
                         semantic=SemanticConfig(**semantic), runtime=RuntimeConfig(model=args.llm_model))
 
@@ -67,9 +90,9 @@ def execute(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> Path:
     found: dict[str, dict[str, list[dict]]] = {}
     for dataset, label, _, _, _, seed in plan(args):
-        path = run_folder(args.out, dataset, label, seed) / "result.json"
-        if path.is_file():
-            found.setdefault(dataset, {}).setdefault(label, []).append(json.loads(path.read_text()))
+        out = run_folder(args.out, dataset, label, seed)
+        if repeats(out, train_config(args, seed)):
+            found.setdefault(dataset, {}).setdefault(label, []).append(json.loads((out / "result.json").read_text()))
     payload: dict = {}
     lines = ["# SRA-CL: first results", "",
              f"Centralized, Adam, early stopping on validation MRR@10 (patience {args.patience}, at most "

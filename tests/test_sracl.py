@@ -217,6 +217,16 @@ def test_sracl_table_reports_gains_ablations_and_llm_cost(tmp_path: Path, tiny_m
     assert cost["users"] == 60 and cost["items"] > 0 and cost["tokens"] > 0 and cost["minutes"] > 0
     assert "| syn | sracl hard-rule synthesizer |" in (out / "report.md").read_text()
 
+    # a run that reached its cap is run again under a larger one; then it is reused as it is
+    longer = [*command[:command.index("--seeds")], "--methods", "centralized-sasrec", "--seeds", "1",
+              "--ablation-datasets", "--epochs", "2", "--quiet"]
+    for expected in ("== syn / centralized-sasrec / seed 1", ""):
+        done = subprocess.run(longer, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("==" in done.stdout) == bool(expected) and expected in done.stdout
+    run = out / "syn" / "centralized-sasrec" / "seed1"
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
 
 def test_a_catalog_without_titles_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = tmp_path / "ids"
