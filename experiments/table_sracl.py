@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--ablation-datasets", nargs="*", default=["amazon-beauty"])
     parser.add_argument("--ablation-seeds", nargs="*", type=int, default=[1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=100, help="the SRA-CL code's epochs")
     parser.add_argument("--patience", type=int, default=10, help="the SRA-CL code's stopping_step")
     parser.add_argument("--max-len", type=int, default=20, help="the SRA-CL code's maxlen")
     parser.add_argument("--beauty-users", type=int, default=1000, help="the LUMOS table's Beauty subset")
