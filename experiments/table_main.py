@@ -50,9 +50,13 @@ GAIN_METRICS = ("HR@20", "NDCG@20")
 PROTOCOL = "unmasked"
 
 
+def slug(label: str) -> str:
+    """A row label as a folder and command-line name: ``sracl w/o user CL`` -> ``sracl-wo-user-CL``."""
+    return label.replace(" ", "-").replace("/", "").replace("--", "-")
+
+
 def run_folder(out: Path, dataset: str, label: str, seed: int) -> Path:
-    slug = label.replace(" ", "-").replace("/", "").replace("--", "-")
-    return out / dataset / slug / f"seed{seed}"
+    return out / dataset / slug(label) / f"seed{seed}"
 
 
 def sample_of(dataset: str, args: argparse.Namespace) -> int:

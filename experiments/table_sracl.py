@@ -26,7 +26,7 @@ from pathlib import Path
 
 from augment.runtime import RuntimeConfig
 from augment.semantic import SemanticConfig
-from experiments.table_main import MAIN_METRICS, PROTOCOL, _cell, gain, run_folder, summarize
+from experiments.table_main import MAIN_METRICS, PROTOCOL, _cell, gain, run_folder, slug, summarize
 from lumosrec.centralized import run_centralized
 from lumosrec.federated import load_data
 from lumosrec.results import write_json
@@ -49,7 +49,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict, dict, int]
     runs = [(dataset, method, method, {}, {}, seed)
             for dataset in args.datasets for method in args.methods for seed in args.seeds]
     runs += [(dataset, label, "sracl", hyper, semantic, seed) for dataset in args.ablation_datasets
-             for label, (hyper, semantic) in ABLATIONS.items() for seed in args.ablation_seeds]
+             for label, (hyper, semantic) in ABLATIONS.items() if slug(label) in args.ablations
+             for seed in args.ablation_seeds]
     return runs
 
 
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--ablation-datasets", nargs="*", default=["amazon-beauty"])
+    parser.add_argument("--ablations", nargs="*", default=[slug(label) for label in ABLATIONS],
+                        choices=[slug(label) for label in ABLATIONS], metavar="ROW",
+                        help="ablation rows by folder name, e.g. sracl-raw-text (default: all)")
     parser.add_argument("--ablation-seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=100, help="the SRA-CL code's epochs")
     parser.add_argument("--patience", type=int, default=10, help="the SRA-CL code's stopping_step")
