@@ -237,3 +237,17 @@ def test_a_catalog_without_titles_is_a_clear_error(tmp_path: Path, capsys: pytes
     assert main(["train", "--strategy", "sracl", "--data", str(folder), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "SRA-CL reads item titles" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # a run that never started leaves no empty folder
+
+
+def test_neighbour_agreement_scores_shared_items_and_categories() -> None:
+    from experiments.semantic_neighbours import item_agreement, user_overlap
+
+    item_sets = [{1, 2}, {2, 3}, {4}]
+    # user 0's neighbour shares one of three items; user 2's shares nothing
+    assert user_overlap(item_sets, np.array([[1], [0], [0]])) == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)
+    item_users = {1: {0}, 2: {0, 1}, 3: {1}, 4: {2}}
+    categories = [(), ("a",), ("a", "b"), ("b",), ("c",)]
+    neighbours = np.array([[0], [2], [3], [1], [4]])  # item 4's only neighbour is itself: left out
+    found = item_agreement(item_users, categories, neighbours)
+    assert found["co_occurring"] == pytest.approx(2 / 3)  # 1-2 and 2-3 share a user, 3-1 do not
+    assert found["category_jaccard"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
