@@ -106,6 +106,7 @@ def report(args: argparse.Namespace) -> Path:
         for label, results in rows.items():
             summary = summarize([{"result": result} for result in results])
             summary["seconds_per_epoch"] = statistics.median(result["seconds_per_epoch"] for result in results)
+            summary["runs"] = [per_seed(result) for result in results]
             payload.setdefault(dataset, {})[label] = summary
             lines.append(f"| {name} | {label} | {len(results)} | " + " | ".join(_cell(summary[m]) for m in MAIN_METRICS)
                          + f" | {summary['seconds_per_epoch']:.0f} |")
@@ -135,6 +136,13 @@ def report(args: argparse.Namespace) -> Path:
                                                "max_len": args.max_len, "seeds": args.seeds})
     print("\n".join(lines))
     return path
+
+
+def per_seed(result: dict) -> dict:
+    """One run's seed, epochs and test metrics: kept in ``table_sracl.json`` so the table can be
+    checked, or extended with more seeds, without the run folders."""
+    return {"seed": result["seed"], "epochs": result["epochs"], "best_epoch": result["best_epoch"],
+            **{metric: result["test"][PROTOCOL][metric] for metric in MAIN_METRICS}}
 
 
 def _llm_cost(rows: dict[str, list[dict]]) -> dict:

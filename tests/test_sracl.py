@@ -212,6 +212,9 @@ def test_sracl_table_reports_gains_ablations_and_llm_cost(tmp_path: Path, tiny_m
     rows = summary["main"]["syn"]
     assert {"centralized-sasrec", "centralized-cl4srec", "sracl", "sracl raw-text"} <= set(rows)
     assert rows["sracl"]["HR@20"]["n"] == 2 and len(rows) == 3 + 5
+    assert [run["seed"] for run in rows["sracl"]["runs"]] == [1, 2]
+    first = json.loads((out / "syn" / "sracl" / "seed1" / "result.json").read_text())
+    assert rows["sracl"]["runs"][0]["HR@20"] == first["test"]["unmasked"]["HR@20"]
     assert set(summary["gains"]["syn"]) == {"HR@20", "NDCG@20"}
     cost = summary["llm_cost"]["syn"]
     assert cost["users"] == 60 and cost["items"] > 0 and cost["tokens"] > 0 and cost["minutes"] > 0
