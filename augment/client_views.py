@@ -1,13 +1,14 @@
 """A client's views of its own users, on its own device: loaded from its cache, made when missing.
 
-The ClientApp calls :func:`client_views` before it trains with the LUMOS objective. Views
+The LUMOS objective (:mod:`lumosrec.client.objectives.lumos`) calls :func:`client_views`
+before a node trains. Views
 never leave the node: they are read from (and written to) the node's view cache folder and
 turned into item tables for the local loss.
 
 * Catalogs with item text: the views of the configured mode (``llm`` or ``retrieval``) are
-  looked up in the SQLite cache (:mod:`augment.cache`) by model, prompt version and history
+  looked up in the SQLite cache (:mod:`lumosrec.augment.cache`) by model, prompt version and history
   hash; only users without a matching record are made, with the LLM loaded on first need
-  (:class:`augment.runtime.LazyGenerator`). ``lumos views generate`` fills the same cache
+  (:class:`lumosrec.augment.backends.LazyGenerator`). ``lumos views generate`` fills the same cache
   ahead of a federation.
 * Catalogs without text (``amazon-baby``, ``amazon-cellphones``): retrieval views over the
   item embeddings of the global model the client last received. They change with the model,
@@ -23,16 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from augment.cache import ViewCache
-from augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
-from augment.runtime import DEFAULT_MODEL, LazyGenerator, RuntimeConfig, default_cache_dir
-from augment.views import MODES, ViewConfig, ViewMaker
-from lumosrec.dataset import Dataset
-from lumosrec.errors import ConfigError
+from lumosrec.augment.backends import LazyGenerator
+from lumosrec.augment.cache import CACHE_FILE, ViewCache
+from lumosrec.augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
+from lumosrec.augment.runtime import DEFAULT_MODEL, RuntimeConfig
+from lumosrec.augment.views import MODES, ViewConfig, ViewMaker
+from lumosrec.core.dataset import Dataset
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "views.sqlite"
 #: what a row of results says about where its views came from
 SOURCE_LLM, SOURCE_TEXT_RETRIEVAL, SOURCE_MODEL_RETRIEVAL = "llm", "retrieval:text", "retrieval:model-embeddings"
 
@@ -55,17 +57,20 @@ class ViewSettings:
     @classmethod
     def from_config(cls, run_config: Mapping, node_config: Mapping) -> ViewSettings:
         """A node's ``views-dir`` (``--node-config``) wins over the run's."""
-        return cls(mode=str(run_config["views"]),
-                   folder=str(node_config.get("views-dir", run_config["views-dir"])),
-                   model=str(run_config["views-model"]), backend=str(run_config["views-backend"]),
-                   items_per_view=int(run_config["views-items"]))
+        return cls(
+            mode=str(run_config["views"]),
+            folder=str(node_config.get("views-dir", run_config["views-dir"])),
+            model=str(run_config["views-model"]),
+            backend=str(run_config["views-backend"]),
+            items_per_view=int(run_config["views-items"]),
+        )
 
     def view_config(self) -> ViewConfig:
         """The generation settings: the same whether views are made ahead or on the client."""
         return ViewConfig(mode=self.mode, items_per_view=self.items_per_view)
 
     def cache_path(self, dataset_name: str) -> Path:
-        folder = Path(self.folder) if self.folder else default_cache_dir() / "views" / dataset_name
+        folder = Path(self.folder) if self.folder else cache_dir("views") / dataset_name
         return folder / CACHE_FILE
 
 
@@ -90,16 +95,23 @@ def _text_maker(dataset: Dataset, settings: ViewSettings) -> ViewMaker:
 
 def _new_text_maker(dataset: Dataset, settings: ViewSettings) -> ViewMaker:
     encoder = TextEncoder(settings.encoder)
-    space = ItemSpace.from_text(dataset.titles, encoder, default_cache_dir() / "embeddings")
+    space = ItemSpace.from_text(dataset.titles, encoder, cache_dir("embeddings"))
     config = settings.view_config()
-    generator = LazyGenerator(RuntimeConfig(model=settings.model, backend=settings.backend)) \
-        if settings.mode == "llm" else None
+    generator = (
+        LazyGenerator(RuntimeConfig(model=settings.model, backend=settings.backend)) if settings.mode == "llm" else None
+    )
     cache = ViewCache(settings.cache_path(dataset.name))
     return ViewMaker(dataset.titles, dataset.categories, space, config, generator, encoder, cache)
 
 
-def client_views(dataset: Dataset, users: Sequence[int], histories: Sequence[np.ndarray], settings: ViewSettings,
-                 item_embeddings: np.ndarray | None = None, progress: bool = False) -> list[dict[str, list[int]]]:
+def client_views(
+    dataset: Dataset,
+    users: Sequence[int],
+    histories: Sequence[np.ndarray],
+    settings: ViewSettings,
+    item_embeddings: np.ndarray | None = None,
+    progress: bool = False,
+) -> list[dict[str, list[int]]]:
     """``{view: item indices}`` for each of ``users`` (dataset indices) from their training
     ``histories``; ``item_embeddings`` (the received model's table) serve catalogs without text."""
     keyed = {dataset.user_ids[user]: [int(i) for i in history] for user, history in zip(users, histories)}
@@ -108,8 +120,12 @@ def client_views(dataset: Dataset, users: Sequence[int], histories: Sequence[np.
     else:
         if item_embeddings is None:
             raise ValueError(f"{dataset.name} has no item text: its views need the model's item embeddings")
-        maker = ViewMaker(dataset.titles, dataset.categories, ItemSpace.from_embeddings(item_embeddings),
-                          replace(settings.view_config(), mode="retrieval"))
+        maker = ViewMaker(
+            dataset.titles,
+            dataset.categories,
+            ItemSpace.from_embeddings(item_embeddings),
+            replace(settings.view_config(), mode="retrieval"),
+        )
     made, stats = maker.make(keyed, progress=progress)
     if stats.users > stats.from_cache and maker.cache is not None:
         log.info("made the views of %d users (%d from the cache)", stats.users - stats.from_cache, stats.from_cache)
@@ -117,24 +133,3 @@ def client_views(dataset: Dataset, users: Sequence[int], histories: Sequence[np.
         # give the machine's LLM lock back: another client process may have users to make
         maker.generator.close()
     return [{name: view.items for name, view in made[user].items()} for user in keyed]
-
-
-def prefill_views(run_config: Mapping, progress: bool = True) -> dict | None:
-    """Make every user's views before a simulated LUMOS federation, so that its clients only
-    read their cache (one LLM for the whole machine instead of one per client process).
-
-    Returns the ``lumos views generate`` report, or None when there is nothing to make ahead:
-    another objective, or a catalog without text (those views follow the received model).
-    """
-    from augment.generate import generate_views
-    from lumosrec.federated import run_data
-
-    if str(run_config["objective"]) != "lumos":
-        return None
-    dataset = run_data(run_config)
-    if not dataset.has_text:
-        return None
-    settings = ViewSettings.from_config(run_config, {})
-    return generate_views(dataset, settings.cache_path(dataset.name).parent,
-                          settings.view_config(), RuntimeConfig(model=settings.model, backend=settings.backend),
-                          encoder_name=settings.encoder, progress=progress)

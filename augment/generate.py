@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from augment.cache import ViewCache
-from augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
-from augment.runtime import Generator, RuntimeConfig, default_cache_dir, load_generator
-from augment.views import ViewConfig, ViewMaker
-from lumosrec.dataset import Dataset, sample_users
-from lumosrec.errors import ConfigError
-from lumosrec.evaluation import leave_one_out
-from lumosrec.results import environment, peak_rss_mb, write_json
+from lumosrec.augment.backends import load_generator
+from lumosrec.augment.cache import CACHE_FILE, ViewCache
+from lumosrec.augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
+from lumosrec.augment.runtime import Generator, RuntimeConfig
+from lumosrec.augment.views import ViewConfig, ViewMaker
+from lumosrec.core.dataset import Dataset, sample_users
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.evaluation import leave_one_out
+from lumosrec.core.paths import cache_dir
+from lumosrec.core.results import environment, peak_rss_mb, write_json
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "views.sqlite"
 REPORT_FILE = "report.json"
 
 
@@ -54,15 +55,24 @@ def item_space(dataset: Dataset, mode: str, encoder: TextEncoder | None, item_em
         return ItemSpace.from_embeddings(weight.float().numpy())
     if not dataset.has_text:
         flags = "--item-embeddings MODEL.pt" if mode == "retrieval" else "--views retrieval --item-embeddings MODEL.pt"
-        raise ConfigError(f"{dataset.name} has no item titles, so neither an LLM nor text similarity can "
-                          f"read it; run with {flags} (a model trained on this dataset)")
-    return ItemSpace.from_text(dataset.titles, encoder or TextEncoder(), default_cache_dir() / "embeddings")
+        raise ConfigError(
+            f"{dataset.name} has no item titles, so neither an LLM nor text similarity can "
+            f"read it; run with {flags} (a model trained on this dataset)"
+        )
+    return ItemSpace.from_text(dataset.titles, encoder or TextEncoder(), cache_dir("embeddings"))
 
 
-def generate_views(dataset: Dataset, out: Path, view_config: ViewConfig, runtime: RuntimeConfig | None = None,
-                   users: Sequence[int] | None = None, encoder_name: str = DEFAULT_ENCODER,
-                   item_embeddings: Path | None = None, progress: bool = True,
-                   generator: Generator | None = None) -> dict:
+def generate_views(
+    dataset: Dataset,
+    out: Path,
+    view_config: ViewConfig,
+    runtime: RuntimeConfig | None = None,
+    users: Sequence[int] | None = None,
+    encoder_name: str = DEFAULT_ENCODER,
+    item_embeddings: Path | None = None,
+    progress: bool = True,
+    generator: Generator | None = None,
+) -> dict:
     """Make (or reuse) the views of ``users`` and write ``report.json`` in ``out``.
 
     ``generator`` is an already loaded LLM (else ``runtime`` says which to load); it is left
@@ -86,12 +96,18 @@ def generate_views(dataset: Dataset, out: Path, view_config: ViewConfig, runtime
         if owned:
             generator.close()
     report = {
-        "dataset": dataset.name, "users": len(users), "view_config": asdict(view_config),
+        "dataset": dataset.name,
+        "users": len(users),
+        "view_config": asdict(view_config),
         "runtime": asdict(runtime or RuntimeConfig()) if owned else None,
         "model": generator.model_info() if generator else {"key": maker.model_key},
-        "item_space": space.source, "prompt_version": maker.version, "domain": maker.domain.noun,
-        "stats": stats.summary(), "generation": generator.stats.as_dict() if generator else None,
-        "peak_rss_mb": peak_rss_mb(), "versions": environment(),
+        "item_space": space.source,
+        "prompt_version": maker.version,
+        "domain": maker.domain.noun,
+        "stats": stats.summary(),
+        "generation": generator.stats.as_dict() if generator else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "versions": environment(),
     }
     write_json(out / REPORT_FILE, report)
     return report
@@ -99,16 +115,24 @@ def generate_views(dataset: Dataset, out: Path, view_config: ViewConfig, runtime
 
 def format_stats(stats: dict) -> str:
     """The per-view accounting as a small table."""
-    columns = ("parse_rate", "grounding_rate", "mean_grounding_similarity", "fallback_rate", "padded",
-               "mean_profile_similarity")
+    columns = (
+        "parse_rate",
+        "grounding_rate",
+        "mean_grounding_similarity",
+        "fallback_rate",
+        "padded",
+        "mean_profile_similarity",
+    )
     lines = [f"{'view':<15}" + "".join(f"{c:>27}" for c in columns)]
     for view, values in stats["views"].items():
         cells = [values[c] for c in columns]
         lines.append(f"{view:<15}" + "".join(f"{'-' if v is None else round(v, 3):>27}" for v in cells))
     own = stats["mean_own_profile_similarity"]
-    lines.append(f"users {stats['users']} ({stats['from_cache']} from cache), "
-                 f"{stats['users_per_minute'] or 0:.1f} users/min; the users' own items: profile similarity "
-                 f"{own if own is None else round(own, 3)}")
+    lines.append(
+        f"users {stats['users']} ({stats['from_cache']} from cache), "
+        f"{stats['users_per_minute'] or 0:.1f} users/min; the users' own items: profile similarity "
+        f"{own if own is None else round(own, 3)}"
+    )
     return "\n".join(lines)
 
 
@@ -133,8 +157,10 @@ def inspect_views(dataset: Dataset, out: Path, user_ids: Sequence[str], history_
             lines += [f"    {_title(dataset, i)}" for i in history[-history_len:]]
             for view, record in records.items():
                 lines.append(f"  {view} ({record.source}):")
-                lines += [f"    {_title(dataset, i):<70} grounding {_number(g)}  profile {_number(p)}"
-                          for i, g, p in zip(record.items, record.grounding, record.profile_similarity)]
+                lines += [
+                    f"    {_title(dataset, i):<70} grounding {_number(g)}  profile {_number(p)}"
+                    for i, g, p in zip(record.items, record.grounding, record.profile_similarity)
+                ]
             blocks.append("\n".join(lines))
     finally:
         cache.close()
@@ -148,4 +174,3 @@ def _title(dataset: Dataset, item: int) -> str:
 
 def _number(value: float) -> str:
     return "  -  " if value is None or math.isnan(value) else f"{value:.2f}"
-

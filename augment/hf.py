@@ -14,11 +14,18 @@ from pathlib import Path
 
 import torch
 
-from augment.runtime import (
-    Chat, GenerationStats, MachineLock, ModelSpec, cache_key, default_cache_dir, file_digest, render_plain,
+from lumosrec.augment.runtime import (
+    Chat,
+    GenerationStats,
+    MachineLock,
+    ModelSpec,
+    cache_key,
+    file_digest,
+    render_plain,
 )
-from lumosrec.errors import ConfigError
-from lumosrec.training import pick_device
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.paths import cache_dir
+from lumosrec.core.training import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +37,7 @@ def _dequantized_folder(spec: ModelSpec) -> Path:
     """The bf16 copy of a GGUF model, converted on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = default_cache_dir() / "models" / f"{Path(spec.location).stem}-{file_digest(spec.location)}-bf16"
+    folder = cache_dir("models") / f"{Path(spec.location).stem}-{file_digest(spec.location)}-bf16"
     if (folder / "config.json").is_file():
         return folder
     log.info("converting %s to a bf16 cache in %s (once)", spec.location, folder)
@@ -49,10 +56,18 @@ def _dequantized_folder(spec: ModelSpec) -> Path:
 
 
 class TransformersGenerator:
-    """:class:`augment.runtime.Generator` on a transformers model (also a model built in memory)."""
+    """:class:`lumosrec.augment.runtime.Generator` on a transformers model (also a model built in memory)."""
 
-    def __init__(self, model, tokenizer, name: str, device: torch.device, batch_size: int = 8,
-                 quantization: str = "none", lock: MachineLock | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        device: torch.device,
+        batch_size: int = 8,
+        quantization: str = "none",
+        lock: MachineLock | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.name, self._lock = model.eval(), tokenizer, name, lock
         self.device, self.batch_size, self.quantization = device, max(1, batch_size), quantization
         self.weights = "bf16" if quantization == "none" else f"bitsandbytes {quantization}"
@@ -62,8 +77,15 @@ class TransformersGenerator:
         self.stats = GenerationStats()
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str = "auto", threads: int = 0, batch_size: int = 8,
-             quantization: str = "none", lock: MachineLock | None = None) -> TransformersGenerator:
+    def load(
+        cls,
+        spec: ModelSpec,
+        device: str = "auto",
+        threads: int = 0,
+        batch_size: int = 8,
+        quantization: str = "none",
+        lock: MachineLock | None = None,
+    ) -> TransformersGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if quantization not in QUANTIZATIONS:
@@ -79,8 +101,10 @@ class TransformersGenerator:
             from transformers import BitsAndBytesConfig
 
             options["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
-                bnb_4bit_compute_dtype=torch.bfloat16)
+                load_in_4bit=quantization == "4bit",
+                load_in_8bit=quantization == "8bit",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
             options["device_map"] = {"": torch_device.index or 0}
         try:
             tokenizer = AutoTokenizer.from_pretrained(location)
@@ -89,8 +113,7 @@ class TransformersGenerator:
             raise ConfigError(f"cannot load model {spec.name}: {str(error).splitlines()[0]}") from None
         if quantization == "none":
             model = model.to(torch_device)
-        return cls(model, tokenizer, spec.key, torch_device, batch_size,
-                   quantization=quantization, lock=lock)
+        return cls(model, tokenizer, spec.key, torch_device, batch_size, quantization=quantization, lock=lock)
 
     def _render(self, prompt: Chat) -> str:
         if self.tokenizer.chat_template:
@@ -98,8 +121,9 @@ class TransformersGenerator:
         return render_plain(prompt)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
+    def generate(
+        self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]:
         started = time.perf_counter()
         texts = [self._render(prompt) for prompt in prompts]
         # similar lengths in a batch waste less padding
@@ -107,15 +131,21 @@ class TransformersGenerator:
         outputs: list[str] = [""] * len(texts)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            encoded = self.tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                                     add_special_tokens=False).to(self.device)
+            encoded = self.tokenizer(
+                [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
             torch.manual_seed(seed + start)
             generated = self.model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                repetition_penalty=REPETITION_PENALTY, pad_token_id=self.tokenizer.pad_token_id,
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=REPETITION_PENALTY,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
-            new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for row, i in enumerate(batch):
                 outputs[i] = self.tokenizer.decode(new_tokens[row], skip_special_tokens=True)
             self.stats.prompt_tokens += int(encoded["attention_mask"].sum())
@@ -125,9 +155,15 @@ class TransformersGenerator:
         return outputs
 
     def model_info(self) -> dict:
-        return {"model": self.name, "key": cache_key(self.name, "transformers", self.quantization),
-                "backend": "transformers", "weights": self.weights,
-                "device": str(self.device), "threads": torch.get_num_threads(), "batch_size": self.batch_size}
+        return {
+            "model": self.name,
+            "key": cache_key(self.name, "transformers", self.quantization),
+            "backend": "transformers",
+            "weights": self.weights,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "batch_size": self.batch_size,
+        }
 
     def close(self) -> None:
         self.model = None

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, cache_key, render_plain
-from lumosrec.errors import LumosError
+from lumosrec.augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, cache_key, render_plain
+from lumosrec.core.errors import LumosError
 
 #: tokens of context per parallel slot: few-shot prompt (~300) + history + answer
 CONTEXT_PER_SLOT = 2048
@@ -33,10 +33,16 @@ def has_chat_template(path: str) -> bool:
 
 
 class LlamaCppGenerator:
-    """:class:`augment.runtime.Generator` on llama.cpp."""
+    """:class:`lumosrec.augment.runtime.Generator` on llama.cpp."""
 
-    def __init__(self, spec: ModelSpec, threads: int, parallel: int = 8, prefix_cache: bool = True,
-                 lock: MachineLock | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        threads: int,
+        parallel: int = 8,
+        prefix_cache: bool = True,
+        lock: MachineLock | None = None,
+    ) -> None:
         import xllamacpp
 
         self._lock, self._stats_lock = lock, threading.Lock()
@@ -55,8 +61,13 @@ class LlamaCppGenerator:
         self.stats = GenerationStats()
 
     def _request(self, prompt: Chat, max_new_tokens: int, temperature: float, seed: int) -> str:
-        request = {"max_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                   "repeat_penalty": REPEAT_PENALTY, "cache_prompt": self.prefix_cache}
+        request = {
+            "max_tokens": max_new_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "repeat_penalty": REPEAT_PENALTY,
+            "cache_prompt": self.prefix_cache,
+        }
         if temperature == 0:
             request["top_k"] = 1
         if self.chat:
@@ -73,20 +84,31 @@ class LlamaCppGenerator:
         choice = reply["choices"][0]
         return choice["message"]["content"] if self.chat else choice["text"]
 
-    def generate(self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
+    def generate(
+        self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]:
         started = time.perf_counter()
-        futures = [self._pool.submit(self._request, prompt, max_new_tokens, temperature, seed + i)
-                   for i, prompt in enumerate(prompts)]
+        futures = [
+            self._pool.submit(self._request, prompt, max_new_tokens, temperature, seed + i)
+            for i, prompt in enumerate(prompts)
+        ]
         texts = [future.result() for future in futures]
         self.stats.calls += len(prompts)
         self.stats.seconds += time.perf_counter() - started
         return texts
 
     def model_info(self) -> dict:
-        return {"model": self.spec.name, "location": self.spec.location, "key": cache_key(self.spec.key, "llamacpp"),
-                "backend": "llamacpp", "weights": "gguf (as shipped)", "chat_template": self.chat,
-                "threads": self.threads, "parallel": self.parallel, "prefix_cache": self.prefix_cache}
+        return {
+            "model": self.spec.name,
+            "location": self.spec.location,
+            "key": cache_key(self.spec.key, "llamacpp"),
+            "backend": "llamacpp",
+            "weights": "gguf (as shipped)",
+            "chat_template": self.chat,
+            "threads": self.threads,
+            "parallel": self.parallel,
+            "prefix_cache": self.prefix_cache,
+        }
 
     def close(self) -> None:
         self._pool.shutdown()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lumosrec.errors import ConfigError
+from lumosrec.core.errors import ConfigError
 
 INDEXES = ("exact", "approximate")
 
@@ -26,8 +26,9 @@ def _checked_k(k: int, candidates: np.ndarray) -> int:
     return min(k, len(candidates) - 1)
 
 
-def nearest_neighbours(vectors: np.ndarray, k: int, candidates: np.ndarray | None = None, index: str = "exact",
-                       chunk: int = 1024) -> np.ndarray:
+def nearest_neighbours(
+    vectors: np.ndarray, k: int, candidates: np.ndarray | None = None, index: str = "exact", chunk: int = 1024
+) -> np.ndarray:
     """The ``k`` most similar candidates of every row of ``vectors`` (rows are unit vectors).
 
     Parameters

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from augment.runtime import Chat
+from lumosrec.augment.runtime import Chat
 
 PROMPT_VERSION = "v1"
 VIEWS = ("future", "paraphrase", "counterfactual")
@@ -43,8 +43,10 @@ DOMAINS = {
 
 YEAR_SUFFIX = re.compile(r"\(\d{4}\)\s*$")
 
-SYSTEM = ("You are a recommender system for a catalog of {noun}s. You only output {noun} titles, one per line, "
-          "with no numbering and no comments.")
+SYSTEM = (
+    "You are a recommender system for a catalog of {noun}s. You only output {noun} titles, one per line, "
+    "with no numbering and no comments."
+)
 TASKS = {
     "future": "List {k} other {noun}s this user will want next.",
     "paraphrase": "List {k} different {noun}s that express the same taste as this list, without repeating any of them.",
@@ -95,16 +97,24 @@ def few_shot_example(titles: Sequence[str], categories: Sequence[Sequence[str]],
     if ranked:
         liked = ranked[0]
         liked_labels = {label for item in by_category[liked] for label in categories[item]}
-        unrelated = next((label for label in ranked[1:]
-                          if not liked_labels & {lab for item in by_category[label] for lab in categories[item]}),
-                         ranked[-1] if len(ranked) > 1 else None)
+        unrelated = next(
+            (
+                label
+                for label in ranked[1:]
+                if not liked_labels & {lab for item in by_category[label] for lab in categories[item]}
+            ),
+            ranked[-1] if len(ranked) > 1 else None,
+        )
         pool = list(rng.permutation(by_category[liked]))
         other = list(rng.permutation(by_category[unrelated])) if unrelated else list(rng.permutation(named))
     else:  # no usable categories: the example still shows the format
         pool = other = list(rng.permutation(named))
     history, pool = pool[:EXAMPLE_HISTORY], pool[EXAMPLE_HISTORY:]
-    answers = {"future": pool[:EXAMPLE_ANSWER], "paraphrase": pool[EXAMPLE_ANSWER : 2 * EXAMPLE_ANSWER],
-               "counterfactual": [item for item in other if item not in history][:EXAMPLE_ANSWER]}
+    answers = {
+        "future": pool[:EXAMPLE_ANSWER],
+        "paraphrase": pool[EXAMPLE_ANSWER : 2 * EXAMPLE_ANSWER],
+        "counterfactual": [item for item in other if item not in history][:EXAMPLE_ANSWER],
+    }
     return FewShot([int(i) for i in history], {view: [int(i) for i in items] for view, items in answers.items()})
 
 
@@ -113,8 +123,15 @@ def _history_block(domain: Domain, history: Sequence[int], titles, categories) -
     return f"A user {domain.verb} these {domain.noun}s, oldest first:\n{lines}\n"
 
 
-def build_prompt(view: str, history: Sequence[int], titles: Sequence[str], categories: Sequence[Sequence[str]],
-                 example: FewShot, domain: Domain, k: int) -> Chat:
+def build_prompt(
+    view: str,
+    history: Sequence[int],
+    titles: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    example: FewShot,
+    domain: Domain,
+    k: int,
+) -> Chat:
     """The chat prompt of one view for one user's (training) history."""
     task = TASKS[view].format(k=k, noun=domain.noun)
     answer = "\n".join(titles[i][:MAX_TITLE_CHARS] for i in example.answers[view])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from augment.grounding import ItemSpace
+from lumosrec.augment.grounding import ItemSpace
 
 RECENT = 3
 
@@ -32,14 +32,16 @@ def paraphrase_substitutes(space: ItemSpace, history: Sequence[int], k: int, exc
     than ``k`` is cycled through so that the view still has ``k`` items."""
     recent, chosen = list(history[-k:]), []
     for position in range(k):
-        substitute = _top(space.vectors @ space.vectors[recent[position % len(recent)]], space, 1,
-                          exclude | set(chosen))
+        substitute = _top(
+            space.vectors @ space.vectors[recent[position % len(recent)]], space, 1, exclude | set(chosen)
+        )
         chosen.extend(substitute)
     return chosen
 
 
-def distant_items(space: ItemSpace, history: Sequence[int], k: int, exclude: set[int],
-                  rng: np.random.Generator, quantile: float = 0.1) -> list[int]:
+def distant_items(
+    space: ItemSpace, history: Sequence[int], k: int, exclude: set[int], rng: np.random.Generator, quantile: float = 0.1
+) -> list[int]:
     """``k`` items drawn at random from the ``quantile`` least similar to the user's profile."""
     centre, _ = space.profile(history)
     scores = space.vectors @ centre
@@ -62,8 +64,9 @@ def _top(scores: np.ndarray, space: ItemSpace, k: int, exclude: set[int]) -> lis
 RETRIEVERS = {"future": future_neighbours, "paraphrase": paraphrase_substitutes}
 
 
-def retrieval_view(view: str, space: ItemSpace, history: Sequence[int], k: int, exclude: set[int],
-                   rng: np.random.Generator) -> list[int]:
+def retrieval_view(
+    view: str, space: ItemSpace, history: Sequence[int], k: int, exclude: set[int], rng: np.random.Generator
+) -> list[int]:
     """The retrieval-only version of ``view`` for one user."""
     if view == "counterfactual":
         return distant_items(space, history, k, exclude, rng)

@@ -1,7 +1,7 @@
-"""The on-device LLM: one small interface, two backends, models found through their packages.
+"""The on-device LLM's interface: prompts, generators, models found through their packages.
 
-``load_generator`` returns a :class:`Generator` whose ``generate`` takes a batch of chat
-prompts and returns one text per prompt. Backends (``research/llm_runtime.md`` has the
+:func:`lumosrec.augment.backends.load_generator` returns a :class:`Generator` whose
+``generate`` takes a batch of chat prompts and returns one text per prompt. Backends (``research/llm_runtime.md`` has the
 measurements behind the choice):
 
 * ``transformers`` (default): any Hugging Face model id or local folder, or a GGUF file
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from lumosrec.errors import ConfigError
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.paths import cache_dir as lumos_cache
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,9 @@ class Generator(Protocol):
 
     stats: GenerationStats
 
-    def generate(self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
+    def generate(
+        self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]:
         """One completion per chat prompt; greedy when ``temperature`` is 0."""
 
     def model_info(self) -> dict:
@@ -157,13 +159,9 @@ def _shipped_gguf(name: str, shipped: ShippedModel, cache_dir: Path) -> ModelSpe
     return ModelSpec(name, str(assembler.assemble(output_path=str(target))), True, version)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LUMOS_CACHE", Path.home() / ".cache" / "lumos"))
-
-
 def resolve_model(model: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> ModelSpec:
     """A shipped model's name, a ``.gguf`` file, a local model folder or a Hugging Face id."""
-    cache_dir = cache_dir or default_cache_dir() / "models"
+    cache_dir = cache_dir or lumos_cache("models")
     if model in SHIPPED_MODELS:
         return _shipped_gguf(model, SHIPPED_MODELS[model], cache_dir)
     path = Path(model).expanduser()
@@ -220,72 +218,3 @@ def cache_key(model_key: str, backend: str, quantization: str = "none") -> str:
     if backend == "llamacpp":
         return f"{model_key}:llamacpp"
     return f"{model_key}:transformers-{'bf16' if quantization == 'none' else f'bitsandbytes-{quantization}'}"
-
-
-def _backend(config: RuntimeConfig) -> str:
-    if config.backend not in BACKENDS:
-        raise ConfigError(f"unknown LLM backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
-    # measured on 2 cores (experiments/bench_views.py): transformers bf16 with 12 prompts per batch
-    # makes 21-23 users/min, llama.cpp with 6 parallel slots and prefix reuse 15-16
-    return "transformers" if config.backend == "auto" else config.backend
-
-
-class LazyGenerator:
-    """A :class:`Generator` that loads its model on the first ``generate``: a client whose views
-    are all cached never loads (nor locks) an LLM, yet knows the cache key of its outputs."""
-
-    def __init__(self, config: RuntimeConfig) -> None:
-        self.config = config
-        self.key = cache_key(resolve_model(config.model).key, _backend(config), config.quantization)
-        self._generator: Generator | None = None
-        self._stats = GenerationStats()
-
-    @property
-    def stats(self) -> GenerationStats:
-        return self._generator.stats if self._generator is not None else self._stats
-
-    def generate(self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
-        if self._generator is None:
-            self._generator = load_generator(self.config)
-        return self._generator.generate(prompts, max_new_tokens, temperature, seed)
-
-    def model_info(self) -> dict:
-        if self._generator is not None:
-            return self._generator.model_info()
-        return {"model": self.config.model, "key": self.key, "backend": _backend(self.config), "loaded": False}
-
-    def close(self) -> None:
-        if self._generator is not None:
-            self._generator.close()
-            self._generator = None
-
-
-def load_generator(config: RuntimeConfig | None = None) -> Generator:
-    """The generator for ``config``; ``auto`` is the transformers backend (batched bf16 is the
-    fastest on CPU here, and it is the CUDA path); ``llamacpp`` runs GGUF files as shipped."""
-    config = config or RuntimeConfig()
-    backend = _backend(config)
-    spec = resolve_model(config.model)
-    threads = config.threads if config.threads > 0 else cpu_threads()
-    lock = MachineLock().acquire()
-    try:
-        return _load(spec, config, backend, threads, lock)
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _load(spec: ModelSpec, config: RuntimeConfig, backend: str, threads: int, lock: MachineLock) -> Generator:
-    if backend == "llamacpp":
-        if not spec.is_gguf:
-            raise ConfigError(f"the llamacpp backend runs GGUF files; {spec.name} is not one (use --backend transformers)")
-        from augment.llamacpp import LlamaCppGenerator
-
-        return LlamaCppGenerator(spec, threads=threads, parallel=config.batch_size, prefix_cache=config.prefix_cache,
-                                 lock=lock)
-    from augment.hf import TransformersGenerator
-
-    return TransformersGenerator.load(spec, device=config.device, threads=threads, batch_size=config.batch_size,
-                                      quantization=config.quantization, lock=lock)
-

@@ -3,13 +3,13 @@
 For every user, :class:`ViewMaker` asks the local LLM for a *future* view (items the user
 will want next), a *paraphrase* view (other items with the same intent) and a
 *counterfactual* view (items this user would not choose), parses the answers into titles
-and grounds them to catalog items (:mod:`augment.grounding`). The counterfactual view must be
+and grounds them to catalog items (:mod:`lumosrec.augment.grounding`). The counterfactual view must be
 unlike the user: an item is kept only if its similarity to the user's profile is below the
 ``counterfactual_quantile`` of the user's own items' similarities. A view with fewer than
-``min_grounded`` usable items falls back to retrieval (:mod:`augment.retrieval`); a view
+``min_grounded`` usable items falls back to retrieval (:mod:`lumosrec.augment.retrieval`); a view
 with enough but fewer than ``items_per_view`` is padded with retrieval items. Both are
 counted in :class:`ViewStats`, never silent. Views are cached per user
-(:mod:`augment.cache`).
+(:mod:`lumosrec.augment.cache`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from augment.cache import View, ViewCache, history_hash
-from augment.grounding import ItemSpace, TextEncoder, ground
-from augment.prompts import DOMAINS, PROMPT_VERSION, VIEWS, build_prompt, detect_domain, few_shot_example, parse_titles
-from augment.retrieval import retrieval_view
-from augment.runtime import Chat, Generator
-from lumosrec.errors import ConfigError
+from lumosrec.augment.cache import View, ViewCache, history_hash
+from lumosrec.augment.grounding import ItemSpace, TextEncoder, ground
+from lumosrec.augment.prompts import (
+    DOMAINS,
+    PROMPT_VERSION,
+    VIEWS,
+    build_prompt,
+    detect_domain,
+    few_shot_example,
+    parse_titles,
+)
+from lumosrec.augment.retrieval import retrieval_view
+from lumosrec.augment.runtime import Chat, Generator
+from lumosrec.core.errors import ConfigError
 
 MODES = ("llm", "retrieval")
 RETRIEVAL_VERSION = "retrieval-v1"
@@ -84,7 +92,9 @@ class PerView:
             "parse_rate": self.parsed / asked if self.asked_llm else None,
             "grounding_rate": self.grounded_titles / self.titles if self.titles else None,
             "fallback_rate": self.fallback / asked if self.asked_llm else None,
-            "mean_grounding_similarity": self.grounding_similarity_sum / self.grounded_titles if self.grounded_titles else None,
+            "mean_grounding_similarity": self.grounding_similarity_sum / self.grounded_titles
+            if self.grounded_titles
+            else None,
             "mean_profile_similarity": self.profile_similarity_sum / self.items if self.items else None,
         }
 
@@ -103,7 +113,10 @@ class ViewStats:
     def summary(self) -> dict:
         made = self.users - self.from_cache
         return {
-            "users": self.users, "from_cache": self.from_cache, "made": made, "seconds": self.seconds,
+            "users": self.users,
+            "from_cache": self.from_cache,
+            "made": made,
+            "seconds": self.seconds,
             "users_per_minute": 60 * made / self.seconds if self.seconds else None,
             "mean_own_profile_similarity": self.own_profile_similarity_sum / self.own_items if self.own_items else None,
             "views": {view: counters.summary() for view, counters in self.per_view.items()},
@@ -127,9 +140,16 @@ class ViewMaker:
     cache : ViewCache, optional
     """
 
-    def __init__(self, titles: Sequence[str], categories: Sequence[Sequence[str]], space: ItemSpace,
-                 config: ViewConfig, generator: Generator | None = None, encoder: TextEncoder | None = None,
-                 cache: ViewCache | None = None) -> None:
+    def __init__(
+        self,
+        titles: Sequence[str],
+        categories: Sequence[Sequence[str]],
+        space: ItemSpace,
+        config: ViewConfig,
+        generator: Generator | None = None,
+        encoder: TextEncoder | None = None,
+        cache: ViewCache | None = None,
+    ) -> None:
         if config.mode == "llm" and (generator is None or encoder is None):
             raise ConfigError("llm views need a generator and a text encoder; use --views retrieval otherwise")
         self.titles, self.categories, self.space, self.config = titles, categories, space, config
@@ -144,19 +164,28 @@ class ViewMaker:
 
     def prompts(self, history: Sequence[int]) -> dict[str, Chat]:
         """The prompts of every view for one training history (its last ``history_len`` items)."""
-        recent = list(history[-self.config.history_len:])
-        return {view: build_prompt(view, recent, self.titles, self.categories, self.example, self.domain,
-                                   self.config.items_per_view) for view in self.config.views}
+        recent = list(history[-self.config.history_len :])
+        return {
+            view: build_prompt(
+                view, recent, self.titles, self.categories, self.example, self.domain, self.config.items_per_view
+            )
+            for view in self.config.views
+        }
 
-    def make(self, histories: Mapping[str, Sequence[int]], progress: bool = True) -> tuple[dict[str, dict[str, View]], ViewStats]:
+    def make(
+        self, histories: Mapping[str, Sequence[int]], progress: bool = True
+    ) -> tuple[dict[str, dict[str, View]], ViewStats]:
         """Views of every user in ``histories`` (user key -> training history, oldest first)."""
         started = time.perf_counter()
         stats = ViewStats(users=len(histories), per_view={view: PerView() for view in self.config.views})
         views: dict[str, dict[str, View]] = {}
         pending = []
         for user, history in histories.items():
-            cached = self.cache.get(self.model_key, self.version, user, self.config.views,
-                                    history_hash(history)) if self.cache else None
+            cached = (
+                self.cache.get(self.model_key, self.version, user, self.config.views, history_hash(history))
+                if self.cache
+                else None
+            )
             if cached is not None:
                 views[user] = cached
             else:
@@ -183,8 +212,9 @@ class ViewMaker:
             per_user = {user: self.prompts(history) for user, history in histories.items()}
             keys = [(user, view) for user in histories for view in self.config.views]
             prompts = [per_user[user][view] for user, view in keys]
-            outputs = self.generator.generate(prompts, self.config.max_new_tokens, self.config.temperature,
-                                              self.config.seed)
+            outputs = self.generator.generate(
+                prompts, self.config.max_new_tokens, self.config.temperature, self.config.seed
+            )
             texts = dict(zip(keys, outputs))
         parsed = {key: parse_titles(text) for key, text in texts.items()}
         flat = [title for titles in parsed.values() for title in titles]
@@ -204,16 +234,26 @@ class ViewMaker:
                 counters = stats.per_view[view]
                 counters.users += 1
                 key = (user, view)
-                view_record = self._one_view(view, history, centre, own, parsed.get(key), offsets.get(key),
-                                             texts.get(key, ""), rng, counters)
+                view_record = self._one_view(
+                    view, history, centre, own, parsed.get(key), offsets.get(key), texts.get(key, ""), rng, counters
+                )
                 result[user][view] = view_record
                 counters.items += len(view_record.items)
                 counters.profile_similarity_sum += float(sum(view_record.profile_similarity))
         return result
 
-    def _one_view(self, view: str, history: Sequence[int], centre: np.ndarray, own: np.ndarray,
-                  titles: list[str] | None, title_vectors: np.ndarray | None, text: str,
-                  rng: np.random.Generator, counters: PerView) -> View:
+    def _one_view(
+        self,
+        view: str,
+        history: Sequence[int],
+        centre: np.ndarray,
+        own: np.ndarray,
+        titles: list[str] | None,
+        title_vectors: np.ndarray | None,
+        text: str,
+        rng: np.random.Generator,
+        counters: PerView,
+    ) -> View:
         k, seen = self.config.items_per_view, set(int(i) for i in history)
         grounded: list[tuple[int, float]] = []
         if titles is not None:

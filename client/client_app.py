@@ -1,7 +1,9 @@
 """Flower ClientApp: local training and full-ranking evaluation on a node's own users.
 
-The local objective is the run's ``objective``: SASRec's next-item loss, CL4SRec's random
-augmentation contrast, or LUMOS's tri-view contrast over the node's own LLM views. Only the
+The local objective is the run's ``objective``, looked up in the registry of
+:mod:`lumosrec.client.objectives` (SASRec's next-item loss, CL4SRec's random augmentation
+contrast, LUMOS's tri-view contrast over the node's own LLM views): it builds the model and
+prepares the node's inputs to its loss. Only the
 shared backbone's arrays and scalar metrics (a loss, counts, and a histogram of target
 ranks) leave the node; the interaction history stays in the node's data folder, the views
 in its view cache, and client-private parameters (LUMOS's projection head) in
@@ -17,18 +19,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from augment.client_views import ViewSettings, client_views
-from lumosrec.batching import PrefixSamples
-from lumosrec.evaluation import PROTOCOLS, STAGES, rank_counts
-from lumosrec.federated import CHOICES, MODEL_KEYS, OBJECTIVES, NodeData, build_client_model, node_data
-from lumosrec.training import pick_device, train_epochs
-from models.cl4srec import CL4SRec
-from models.lumos import LUMOS, UserViews
+from lumosrec.client.objectives import OBJECTIVES, Objective, objective_for
+from lumosrec.core.batching import PrefixSamples
+from lumosrec.core.data import NodeData, node_data
+from lumosrec.core.evaluation import PROTOCOLS, STAGES, rank_counts
+from lumosrec.core.runconfig import MODEL_KEYS
+from lumosrec.core.training import pick_device, train_epochs
+from lumosrec.models.sasrec import SASRec
 
 app = ClientApp()
 
 STATE_KEY = "lumos-client"
-PRIVATE_KEY = "private-parameters"
+#: the local optimizers a client can use (``client-optimizer``)
+OPTIMIZERS = ("adam", "sgd")
 
 
 def _node(context: Context) -> NodeData:
@@ -42,10 +45,10 @@ def _node(context: Context) -> NodeData:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_model(settings: tuple, num_items: int) -> torch.nn.Module:
+def _cached_model(objective: str, settings: tuple, num_items: int) -> SASRec:
     # A Ray actor serves thousands of virtual clients: building (and randomly initialising)
     # the model once per process and overwriting its weights per message is much cheaper.
-    return build_client_model(dict(settings), num_items)
+    return OBJECTIVES[objective].build_model(dict(settings), num_items)
 
 
 def _device(run_config) -> torch.device:
@@ -58,37 +61,15 @@ def _device(run_config) -> torch.device:
     return device
 
 
-def _received_model(msg: Message, context: Context, num_items: int, device: torch.device,
-                    objective: str = "sasrec") -> torch.nn.Module:
-    """The received backbone inside the model of ``objective`` (plain SASRec to evaluate)."""
+def _received_model(
+    msg: Message, context: Context, num_items: int, device: torch.device, objective: Objective
+) -> SASRec:
+    """The received backbone inside ``objective``'s model (plain SASRec to evaluate)."""
     run = context.run_config
-    keys = [*MODEL_KEYS, *OBJECTIVES[objective][2]]
-    settings = tuple(sorted((k, run[k]) for k in keys if k in run)) + (("objective", objective),)
-    model = _cached_model(settings, num_items)
+    keys = [*MODEL_KEYS, *objective.hyper_keys]
+    model = _cached_model(objective.name, tuple(sorted((k, run[k]) for k in keys if k in run)), num_items)
     model.load_shared_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model.to(device)
-
-
-def _restore_private(model: LUMOS, context: Context) -> None:
-    """This node's projection head from its state; a fresh one on its first round (the cached
-    model may hold another virtual client's head)."""
-    if PRIVATE_KEY in context.state.array_records:
-        model.projection.load_state_dict(context.state.array_records[PRIVATE_KEY].to_torch_state_dict())
-    else:
-        model.reset_private_parameters()
-
-
-def _prepare_objective(model: torch.nn.Module, data: NodeData, context: Context, rng: np.random.Generator) -> None:
-    """Per-node inputs of the contrastive objectives: CL4SRec's augmentation draws, LUMOS's
-    private head and the node's views (from its cache, made when missing)."""
-    if isinstance(model, CL4SRec):
-        model.rng = rng
-    if isinstance(model, LUMOS):
-        _restore_private(model, context)
-        settings = ViewSettings.from_config(context.run_config, context.node_config)
-        embeddings = model.item_embedding.weight.detach().cpu().numpy()
-        views = client_views(data.dataset, data.users.tolist(), data.split.train, settings, embeddings)
-        model.set_views(UserViews(views))
 
 
 def _client_state(context: Context) -> ConfigRecord:
@@ -118,7 +99,7 @@ def local_optimizer(model: torch.nn.Module, run) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=rate, foreach=True)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=rate, foreach=True)
-    raise ValueError(f"unknown client-optimizer {name!r}; choose one of {', '.join(CHOICES['client-optimizer'])}")
+    raise ValueError(f"unknown client-optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 @app.train()
@@ -127,26 +108,32 @@ def train(msg: Message, context: Context) -> Message:
     config, run = msg.content["config"], context.run_config
     data = _node(context)
     device = _device(run)
-    model = _received_model(msg, context, data.num_items, device, str(run["objective"]))
+    objective = objective_for(run)
+    model = _received_model(msg, context, data.num_items, device, objective)
     mu = float(config.get("proximal-mu", 0.0))
     state = _client_state(context)
     server_round = int(config.get("server-round", 0))
     rng = np.random.default_rng([int(run["seed"]), int(context.node_id) % 2**32, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
-    _prepare_objective(model, data, context, rng)
+    loss_inputs = objective.prepare(model, data, context, rng)
     samples = PrefixSamples(data.split.train, int(run["max-len"]))
     optimizer = local_optimizer(model, run)
     loss, seen = train_epochs(
-        model, optimizer, samples, int(run["local-epochs"]), int(run["batch-size"]), rng, device,
-        regularizer=_proximal_term(model, mu) if mu > 0 else None, max_grad_norm=float(run["max-grad-norm"]),
+        model,
+        optimizer,
+        samples,
+        int(run["local-epochs"]),
+        int(run["batch-size"]),
+        rng,
+        device,
+        regularizer=_proximal_term(model, mu) if mu > 0 else None,
+        max_grad_norm=float(run["max-grad-norm"]),
+        loss_inputs=loss_inputs,
     )
     state["rounds-trained"] = int(state["rounds-trained"]) + 1
-    if isinstance(model, LUMOS):
-        context.state.array_records[PRIVATE_KEY] = ArrayRecord(model.private_state_dict())
-        model.set_views(None)
+    objective.keep_private(model, context)
     metrics = MetricRecord({"train-loss": loss, "num-examples": len(samples), "samples-seen": seen})
-    return Message(RecordDict({"arrays": ArrayRecord(model.shared_state_dict()), "metrics": metrics}),
-                   reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord(model.shared_state_dict()), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -159,7 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     run = context.run_config
     data = _node(context)
     device = _device(run)
-    model = _received_model(msg, context, data.num_items, device)
+    model = _received_model(msg, context, data.num_items, device, OBJECTIVES["sasrec"])
     metrics: dict[str, int | list[int]] = {"num-examples": len(data.users)}
     for stage in STAGES:
         counts = rank_counts(model, data.split, stage, int(run["max-len"]), PROTOCOLS, device=device)

@@ -1,6 +1,6 @@
 """Benchmark: centralized SASRec on real data against the RecBole 1.2.1 reference.
 
-Runs ``lumos train --strategy centralized-sasrec`` with the DESIGN.md defaults on each
+Runs ``lumos train --method centralized-sasrec`` with the DESIGN.md defaults on each
 dataset (one subprocess per dataset, so peak memory is per run), then prints and writes
 test metrics in both protocols, epochs to the best, median seconds per training epoch,
 peak memory, and the ratio of test HR@20 / NDCG@20 to RecBole's SASRec on the same split
@@ -33,9 +33,22 @@ REPORTED = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
 def run_one(dataset: str, data_root: Path, out: Path, seed: int, epochs: int) -> dict:
     run_dir = out / dataset
     command = [
-        sys.executable, "-m", "lumosrec.cli", "train", "--strategy", "centralized-sasrec",
-        "--data", str(data_root / dataset), "--out", str(run_dir), "--overwrite",
-        "--seed", str(seed), "--epochs", str(epochs), "--quiet",
+        sys.executable,
+        "-m",
+        "lumosrec.launch.cli",
+        "train",
+        "--method",
+        "centralized-sasrec",
+        "--data",
+        str(data_root / dataset),
+        "--out",
+        str(run_dir),
+        "--overwrite",
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(epochs),
+        "--quiet",
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -76,8 +89,10 @@ def main() -> None:
         rows.append(summarize(dataset, run_one(dataset, args.data_root, args.out, args.seed, args.epochs)))
         (args.out / "bench_centralized.json").write_text(json.dumps(rows, indent=2) + "\n")
     for row in rows:
-        print(f"\n{row['dataset']}: best epoch {row['best_epoch']}/{row['epochs']}, "
-              f"median {row['median_seconds_per_epoch']:.1f} s/epoch, peak {row['peak_rss_mb']:.0f} MB")
+        print(
+            f"\n{row['dataset']}: best epoch {row['best_epoch']}/{row['epochs']}, "
+            f"median {row['median_seconds_per_epoch']:.1f} s/epoch, peak {row['peak_rss_mb']:.0f} MB"
+        )
         for protocol, metrics in row["test"].items():
             print(f"  test {protocol:<9} " + "  ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
         for protocol, ratios in row.get("ratio_to_recbole", {}).items():

@@ -27,20 +27,27 @@ from pathlib import Path
 
 import numpy as np
 
-from client.client_app import local_optimizer
-from lumosrec.batching import PrefixSamples
-from lumosrec.dataset import load_dataset
-from lumosrec.evaluation import leave_one_out
-from lumosrec.federated import build_model, default_run_config, parse_run_config
-from lumosrec.simulate import simulate
-from lumosrec.training import pick_device, train_epochs
+from lumosrec.client.client_app import local_optimizer
+from lumosrec.core.batching import PrefixSamples
+from lumosrec.core.dataset import load_dataset
+from lumosrec.core.evaluation import leave_one_out
+from lumosrec.core.runconfig import model_sizes, parse_run_config
+from lumosrec.core.training import pick_device, train_epochs
+from lumosrec.launch.app import default_run_config
+from lumosrec.launch.simulate import simulate
+from lumosrec.models.factory import build_model
 
 
 def per_round(out: Path) -> list[dict]:
     rows = []
     for row in json.loads((out / "metrics.json").read_text()):
-        entry = {"round": row["round"], "round_seconds": row["round_seconds"], "train_seconds": row["train_seconds"],
-                 "aggregate_seconds": row["aggregate_seconds"], "train_nodes": row["train_nodes"]}
+        entry = {
+            "round": row["round"],
+            "round_seconds": row["round_seconds"],
+            "train_seconds": row["train_seconds"],
+            "aggregate_seconds": row["aggregate_seconds"],
+            "train_nodes": row["train_nodes"],
+        }
         if "test" in row:
             entry.update({f"test_{m}": row["test"]["unmasked"][m] for m in ("HR@20", "NDCG@20")})
             entry["eval_seconds"] = row["eval_seconds"]
@@ -61,22 +68,33 @@ def bare_local_training(data: Path, run_config: dict, sample: int = 0) -> tuple[
     if 0 < sample < len(users):
         users = np.sort(np.random.default_rng(0).choice(users, sample, replace=False))
     device = pick_device("cpu")
-    model = build_model(run_config, dataset.num_items)
+    model = build_model("sasrec", dataset.num_items, **model_sizes(run_config))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
     for user in users:
         model.load_state_dict(global_state)
         optimizer = local_optimizer(model, run_config)
         rng = np.random.default_rng([int(run_config["seed"]), int(user)])
-        train_epochs(model, optimizer, PrefixSamples([split.train[user]], int(run_config["max-len"])),
-                     int(run_config["local-epochs"]), int(run_config["batch-size"]), rng, device,
-                     max_grad_norm=float(run_config["max-grad-norm"]))
+        train_epochs(
+            model,
+            optimizer,
+            PrefixSamples([split.train[user]], int(run_config["max-len"])),
+            int(run_config["local-epochs"]),
+            int(run_config["batch-size"]),
+            rng,
+            device,
+            max_grad_norm=float(run_config["max-grad-norm"]),
+        )
     return (time.perf_counter() - started) * dataset.num_users / len(users), len(users)
 
 
 #: processes of a Flower simulation, by a part of their command line
-FLOWER_PROCESSES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp",
-                    "simulation-engine": "flwr-simulation", "client-actor": "ClientAppActor"}
+FLOWER_PROCESSES = {
+    "superlink": "flower-superlink",
+    "serverapp": "flwr-serverapp",
+    "simulation-engine": "flwr-simulation",
+    "client-actor": "ClientAppActor",
+}
 
 
 def _pids(marker: str) -> list[int]:
@@ -90,16 +108,38 @@ def profile_federation(out: Path, delay: float, duration: float) -> threading.Th
     Writes ``profile.json``: per process kind, the busy samples and the innermost functions
     taking most of them (py-spy skips idle threads, so the counts are CPU time at 20 Hz).
     """
+
     def record() -> None:
         time.sleep(delay)
         jobs = []
         for kind, marker in FLOWER_PROCESSES.items():
             for pid in _pids(marker):
                 path = out / f"{kind}-{pid}.txt"
-                jobs.append((kind, path, subprocess.Popen(
-                    [py_spy, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "20",
-                     "--nonblocking", "--format", "raw", "--output", str(path)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+                jobs.append(
+                    (
+                        kind,
+                        path,
+                        subprocess.Popen(
+                            [
+                                py_spy,
+                                "record",
+                                "--pid",
+                                str(pid),
+                                "--duration",
+                                str(int(duration)),
+                                "--rate",
+                                "20",
+                                "--nonblocking",
+                                "--format",
+                                "raw",
+                                "--output",
+                                str(path),
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        ),
+                    )
+                )
         summary: dict = {}
         for kind, path, job in jobs:
             job.wait()
@@ -127,16 +167,28 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("results/bench_federated"))
     parser.add_argument("--rounds", type=int, default=30, help="ml-100k rounds")
-    parser.add_argument("--run-config", default="fraction-train=0.2 eval-every=5",
-                        help="ml-100k overrides, TOML-typed (strategy, learning-rate, local-epochs, ...)")
+    parser.add_argument(
+        "--run-config",
+        default="fraction-train=0.2 eval-every=5",
+        help="ml-100k overrides, TOML-typed (strategy, learning-rate, local-epochs, ...)",
+    )
     parser.add_argument("--centralized", type=Path, default=Path("results/bench_centralized/ml-100k/result.json"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["ml-100k", "beauty-round"])
-    parser.add_argument("--bare-sample", type=int, default=0,
-                        help="time the bare loop on this many random Beauty users and scale (0: all)")
+    parser.add_argument(
+        "--bare-sample",
+        type=int,
+        default=0,
+        help="time the bare loop on this many random Beauty users and scale (0: all)",
+    )
     parser.add_argument("--beauty-run-config", default="", help="run-config overrides of the Beauty round")
     parser.add_argument("--client-cpus", type=int, help="CPUs per virtual client (Flower's default: 2)")
-    parser.add_argument("--profile", type=float, nargs=2, metavar=("DELAY", "SECONDS"),
-                        help="py-spy every Flower process of the Beauty round for SECONDS, DELAY s after its start")
+    parser.add_argument(
+        "--profile",
+        type=float,
+        nargs=2,
+        metavar=("DELAY", "SECONDS"),
+        help="py-spy every Flower process of the Beauty round for SECONDS, DELAY s after its start",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report_path = args.out / "bench_federated.json"
@@ -145,46 +197,73 @@ def main() -> None:
     report["config"] = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     if "ml-100k" not in args.skip:
         out = args.out / "ml-100k"
-        overrides = {"data": str(args.data_root / "ml-100k"), "out-dir": str(out), "num-server-rounds": args.rounds,
-                     "resume": False, **parse_run_config(args.run_config)}
+        overrides = {
+            "data": str(args.data_root / "ml-100k"),
+            "out-dir": str(out),
+            "num-server-rounds": args.rounds,
+            "resume": False,
+            **parse_run_config(args.run_config),
+        }
         started = time.perf_counter()
         result = simulate(overrides, client_cpus=args.client_cpus)
         rounds = per_round(out)
-        entry = {"overrides": overrides, "wall_seconds": time.perf_counter() - started, "rounds": rounds,
-                 "best_round": result["best_epoch"], "test": result["test"]}
+        entry = {
+            "overrides": overrides,
+            "wall_seconds": time.perf_counter() - started,
+            "rounds": rounds,
+            "best_round": result["best_epoch"],
+            "test": result["test"],
+        }
         if args.centralized.is_file():
             central = json.loads(args.centralized.read_text())["test"]["unmasked"]
-            entry["fraction_of_centralized"] = {m: result["test"]["unmasked"][m] / central[m] for m in ("HR@20", "NDCG@20")}
+            entry["fraction_of_centralized"] = {
+                m: result["test"]["unmasked"][m] / central[m] for m in ("HR@20", "NDCG@20")
+            }
         report["ml-100k"] = entry
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         print("\nml-100k FedAvg-SASRec (943 clients):")
         for row in rounds:
-            metrics = f"  HR@20 {row['test_HR@20']:.4f}  NDCG@20 {row['test_NDCG@20']:.4f}" if "test_HR@20" in row else ""
+            metrics = (
+                f"  HR@20 {row['test_HR@20']:.4f}  NDCG@20 {row['test_NDCG@20']:.4f}" if "test_HR@20" in row else ""
+            )
             print(f"  round {row['round']:>3}  {row['round_seconds']:6.1f} s{metrics}")
         print(f"  best round {result['best_epoch']}: {entry.get('fraction_of_centralized', 'no centralized result')}")
 
     if "beauty-round" not in args.skip:
         data = args.data_root / "amazon-beauty"
         out = args.out / "beauty-round"
-        overrides = {"data": str(data), "out-dir": str(out), "num-server-rounds": 1, "fraction-train": 1.0,
-                     "eval-every": 0, "resume": False, **parse_run_config(args.beauty_run_config)}
+        overrides = {
+            "data": str(data),
+            "out-dir": str(out),
+            "num-server-rounds": 1,
+            "fraction-train": 1.0,
+            "eval-every": 0,
+            "resume": False,
+            **parse_run_config(args.beauty_run_config),
+        }
         profiler = profile_federation(args.out / "profile", *args.profile) if args.profile else None
         result = simulate(overrides, client_cpus=args.client_cpus, timeout=6 * 3600)
         if profiler is not None:
             profiler.join()
         row = per_round(out)[0]
         bare, bare_users = bare_local_training(data, {**default_run_config(), **overrides}, args.bare_sample)
-        entry = {"clients": row["train_nodes"], "round_train_seconds": row["train_seconds"],
-                 "aggregate_seconds": row["aggregate_seconds"], "bare_torch_seconds": bare,
-                 "bare_torch_users_timed": bare_users,
-                 "overhead_ratio": row["train_seconds"] / bare,
-                 "messaging_seconds": row["train_seconds"] - row["aggregate_seconds"] - bare,
-                 "peak_rss_mb_server": result["peak_rss_mb"]}
+        entry = {
+            "clients": row["train_nodes"],
+            "round_train_seconds": row["train_seconds"],
+            "aggregate_seconds": row["aggregate_seconds"],
+            "bare_torch_seconds": bare,
+            "bare_torch_users_timed": bare_users,
+            "overhead_ratio": row["train_seconds"] / bare,
+            "messaging_seconds": row["train_seconds"] - row["aggregate_seconds"] - bare,
+            "peak_rss_mb_server": result["peak_rss_mb"],
+        }
         report["beauty-round"] = entry
         report_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\namazon-beauty, one round, {entry['clients']} clients: {entry['round_train_seconds']:.0f} s "
-              f"(bare torch {bare:.0f} s, aggregation {entry['aggregate_seconds']:.0f} s, "
-              f"messaging and the rest {entry['messaging_seconds']:.0f} s) -> overhead ratio {entry['overhead_ratio']:.2f}")
+        print(
+            f"\namazon-beauty, one round, {entry['clients']} clients: {entry['round_train_seconds']:.0f} s "
+            f"(bare torch {bare:.0f} s, aggregation {entry['aggregate_seconds']:.0f} s, "
+            f"messaging and the rest {entry['messaging_seconds']:.0f} s) -> overhead ratio {entry['overhead_ratio']:.2f}"
+        )
     print(f"\nwritten: {args.out / 'bench_federated.json'}")
 
 

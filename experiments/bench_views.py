@@ -41,8 +41,21 @@ def run_cell(data: Path, out: Path, flags: list[str], users: int, timeout: float
     full cells resume an interrupted run; their users/min counts the users made in this call)."""
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "lumosrec.cli", "views", "generate", "--data", str(data), "--out", str(out),
-               "--users", str(users), "--quiet", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "lumosrec.launch.cli",
+        "views",
+        "generate",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--users",
+        str(users),
+        "--quiet",
+        *flags,
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - started
@@ -56,16 +69,30 @@ def summarize(report: dict) -> dict:
     stats, generation = report["stats"], report["generation"] or {}
     views = stats["views"]
     return {
-        "users": stats["users"], "users_per_minute": stats["users_per_minute"],
+        "users": stats["users"],
+        "users_per_minute": stats["users_per_minute"],
         "tokens_per_second": generation.get("completion_tokens_per_second"),
         "completion_tokens": generation.get("completion_tokens"),
         "cached_prompt_tokens": generation.get("cached_prompt_tokens"),
         "prompt_tokens": generation.get("prompt_tokens"),
-        "peak_rss_mb": report["peak_rss_mb"], "model": report["model"],
+        "peak_rss_mb": report["peak_rss_mb"],
+        "model": report["model"],
         "own_profile_similarity": stats["mean_own_profile_similarity"],
-        "views": {view: {key: values[key] for key in (
-            "parse_rate", "grounding_rate", "mean_grounding_similarity", "fallback_rate", "padded",
-            "rejected_as_too_similar", "mean_profile_similarity")} for view, values in views.items()},
+        "views": {
+            view: {
+                key: values[key]
+                for key in (
+                    "parse_rate",
+                    "grounding_rate",
+                    "mean_grounding_similarity",
+                    "fallback_rate",
+                    "padded",
+                    "rejected_as_too_similar",
+                    "mean_profile_similarity",
+                )
+            }
+            for view, values in views.items()
+        },
     }
 
 
@@ -77,9 +104,12 @@ def print_row(name: str, cell: dict) -> None:
     quality = "  ".join(
         f"{view[:4]} parse {v['parse_rate'] or 0:.2f} ground {v['grounding_rate'] or 0:.2f} "
         f"sim {v['mean_grounding_similarity'] or 0:.2f} fallback {v['fallback_rate'] or 0:.2f}"
-        for view, v in views.items())
-    print(f"  {name:<30} {cell['users_per_minute']:6.1f} users/min {cell['tokens_per_second'] or 0:6.1f} tok/s "
-          f"{cell['peak_rss_mb']:6.0f} MB | {quality}")
+        for view, v in views.items()
+    )
+    print(
+        f"  {name:<30} {cell['users_per_minute']:6.1f} users/min {cell['tokens_per_second'] or 0:6.1f} tok/s "
+        f"{cell['peak_rss_mb']:6.0f} MB | {quality}"
+    )
 
 
 def main() -> None:
@@ -87,18 +117,26 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("results/bench_views"))
     parser.add_argument("--sample", type=int, default=48, help="users of the runtime comparison cells")
-    parser.add_argument("--transformers-sample", type=int, default=24,
-                        help="users of the (slower) transformers cells")
+    parser.add_argument("--transformers-sample", type=int, default=24, help="users of the (slower) transformers cells")
     parser.add_argument("--beauty-users", type=int, default=1000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["runtime", "full"])
     parser.add_argument("--datasets", nargs="*", default=["ml-100k", "amazon-beauty"])
-    parser.add_argument("--cells", nargs="*", default=list(RUNTIME_CELLS), choices=list(RUNTIME_CELLS),
-                        metavar="CELL", help=f"runtime cells to run (default: all of {', '.join(RUNTIME_CELLS)})")
+    parser.add_argument(
+        "--cells",
+        nargs="*",
+        default=list(RUNTIME_CELLS),
+        choices=list(RUNTIME_CELLS),
+        metavar="CELL",
+        help=f"runtime cells to run (default: all of {', '.join(RUNTIME_CELLS)})",
+    )
     parser.add_argument("--timeout", type=float, default=4 * 3600)
     args = parser.parse_args()
     report_path = args.out / "bench_views.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    datasets = {"ml-100k": (args.data_root / "ml-100k", 0), "amazon-beauty": (args.data_root / "amazon-beauty", args.beauty_users)}
+    datasets = {
+        "ml-100k": (args.data_root / "ml-100k", 0),
+        "amazon-beauty": (args.data_root / "amazon-beauty", args.beauty_users),
+    }
     datasets = {name: spec for name, spec in datasets.items() if name in args.datasets}
 
     def save() -> None:
@@ -126,8 +164,9 @@ def main() -> None:
                     print(f"  {name} / naive b1 users/min: {speedup:.2f}x")
     if "full" not in args.skip:
         for dataset, (path, users) in datasets.items():
-            cell = run_cell(path, args.out / dataset / "full", RUNTIME_CELLS[BEST_CELL], users, args.timeout,
-                            fresh=False)
+            cell = run_cell(
+                path, args.out / dataset / "full", RUNTIME_CELLS[BEST_CELL], users, args.timeout, fresh=False
+            )
             report.setdefault("full", {})[dataset] = cell
             save()
             print(f"\n{dataset}: all {'users' if not users else f'{users} sampled users'}")

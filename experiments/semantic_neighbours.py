@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from augment.semantic import SemanticConfig, build_semantic_side
-from experiments.table_sracl import SAMPLED
-from lumosrec.evaluation import leave_one_out
-from lumosrec.federated import load_data
-from lumosrec.results import write_json
+from lumosrec.augment.semantic import SemanticConfig, build_semantic_side
+from lumosrec.core.data import load_data
+from lumosrec.core.evaluation import leave_one_out
+from lumosrec.core.results import write_json
+from lumosrec.launch.tables import SAMPLED_FOR_LLM
 
 
 def jaccard(left: set, right: set) -> float:
@@ -36,15 +36,19 @@ def jaccard(left: set, right: set) -> float:
 
 
 def user_overlap(item_sets: list[set[int]], neighbours: np.ndarray) -> float:
-    return float(np.mean([jaccard(item_sets[user], item_sets[other])
-                          for user, row in enumerate(neighbours) for other in row]))
+    return float(
+        np.mean([jaccard(item_sets[user], item_sets[other]) for user, row in enumerate(neighbours) for other in row])
+    )
 
 
-def item_agreement(item_users: dict[int, set[int]], categories: list[tuple[str, ...]],
-                   neighbours: np.ndarray) -> dict[str, float]:
+def item_agreement(
+    item_users: dict[int, set[int]], categories: list[tuple[str, ...]], neighbours: np.ndarray
+) -> dict[str, float]:
     pairs = [(item, int(other)) for item in item_users for other in neighbours[item] if other != item]
-    return {"co_occurring": float(np.mean([bool(item_users[i] & item_users.get(j, set())) for i, j in pairs])),
-            "category_jaccard": float(np.mean([jaccard(set(categories[i]), set(categories[j])) for i, j in pairs]))}
+    return {
+        "co_occurring": float(np.mean([bool(item_users[i] & item_users.get(j, set())) for i, j in pairs])),
+        "category_jaccard": float(np.mean([jaccard(set(categories[i]), set(categories[j])) for i, j in pairs])),
+    }
 
 
 def measure(dataset_dir: Path, sample: int, sample_seed: int, source: str) -> dict:
@@ -58,10 +62,14 @@ def measure(dataset_dir: Path, sample: int, sample_seed: int, source: str) -> di
     found = {}
     for retrieval in ("semantic", "random"):
         side = build_semantic_side(dataset, split, SemanticConfig(source=source, retrieval=retrieval), progress=False)
-        found[retrieval] = {"user_jaccard": user_overlap(item_sets, side.user_neighbours),
-                            **item_agreement(item_users, dataset.categories, side.item_neighbours)}
-    found["semantic_over_random"] = {metric: found["semantic"][metric] / found["random"][metric]
-                                     if found["random"][metric] else float("nan") for metric in found["semantic"]}
+        found[retrieval] = {
+            "user_jaccard": user_overlap(item_sets, side.user_neighbours),
+            **item_agreement(item_users, dataset.categories, side.item_neighbours),
+        }
+    found["semantic_over_random"] = {
+        metric: found["semantic"][metric] / found["random"][metric] if found["random"][metric] else float("nan")
+        for metric in found["semantic"]
+    }
     return found
 
 
@@ -74,21 +82,37 @@ def main() -> None:
     parser.add_argument("--beauty-users", type=int, default=1000, help="the LUMOS table's Beauty subset")
     parser.add_argument("--sample-seed", type=int, default=0)
     args = parser.parse_args()
-    results = {dataset: {source: measure(args.data_root / dataset, args.beauty_users if dataset in SAMPLED else 0,
-                                         args.sample_seed, source) for source in args.sources}
-               for dataset in args.datasets}
-    lines = ["| dataset | texts | retrieval | user item-set Jaccard | items co-occurring | item category Jaccard |",
-             "|---|---|---|---|---|---|"]
+    results = {
+        dataset: {
+            source: measure(
+                args.data_root / dataset,
+                args.beauty_users if dataset in SAMPLED_FOR_LLM else 0,
+                args.sample_seed,
+                source,
+            )
+            for source in args.sources
+        }
+        for dataset in args.datasets
+    }
+    lines = [
+        "| dataset | texts | retrieval | user item-set Jaccard | items co-occurring | item category Jaccard |",
+        "|---|---|---|---|---|---|",
+    ]
     for dataset, sources in results.items():
         for source, found in sources.items():
             for retrieval in ("semantic", "random", "semantic_over_random"):
                 cells = found[retrieval]
-                lines.append(f"| {dataset} | {source} | {retrieval.replace('_', ' ')} | " + " | ".join(
-                    f"{cells[m]:.4f}" for m in ("user_jaccard", "co_occurring", "category_jaccard")) + " |")
+                lines.append(
+                    f"| {dataset} | {source} | {retrieval.replace('_', ' ')} | "
+                    + " | ".join(f"{cells[m]:.4f}" for m in ("user_jaccard", "co_occurring", "category_jaccard"))
+                    + " |"
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    write_json(args.out / "semantic_neighbours.json", {"results": results, "beauty_users": args.beauty_users,
-                                                       "sample_seed": args.sample_seed})
+    write_json(
+        args.out / "semantic_neighbours.json",
+        {"results": results, "beauty_users": args.beauty_users, "sample_seed": args.sample_seed},
+    )
     print("\n".join(lines))
 
 

@@ -1,7 +1,7 @@
 """LUMOS's first results: main table, ablation table, learning curves, round-time ratio.
 
-Runs every method (``lumosrec.experiment.METHODS``) on every dataset for several seeds under
-one :class:`~lumosrec.experiment.Budget`, then writes ``report.md`` (tables and plots),
+Runs every method (``lumosrec.launch.experiment.METHODS``) on every dataset for several seeds under
+one :class:`lumosrec.launch.experiment.Budget`, then writes ``report.md`` (tables and plots),
 ``table_main.json`` and one PNG of test HR@20 per round per dataset into ``--out``. Runs are
 folders ``<out>/<dataset>/<method>/seed<k>``; finished ones are reused and interrupted
 federations resume, so the command can be stopped and started again.
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from lumosrec.experiment import FEDERATED, METHODS, Budget, run_method
-from lumosrec.federated import parse_run_config
-from lumosrec.results import write_json
+from lumosrec.client.objectives import FEDERATED_METHODS
+from lumosrec.core.results import read_result, write_json
+from lumosrec.core.runconfig import parse_run_config
+from lumosrec.launch.experiment import METHODS, Budget, run_method
+from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL, SAMPLED_FOR_LLM, cell, gain, run_folder, summarize
 
 #: the main table's methods (issue 5); centralized-cl4srec and sracl are the SRA-CL table's
 MAIN_METHODS = ("centralized-sasrec", "local-sasrec", "fedavg-sasrec", "fed-cl4srec", "lumos")
@@ -36,7 +37,6 @@ MAIN_METHODS = ("centralized-sasrec", "local-sasrec", "fedavg-sasrec", "fed-cl4s
 DEFAULT_BUDGET = Budget(rounds=20)
 #: folders under --data-root; Beauty is sampled for LLM time, the ID-only ones (no item text) for CPU time
 DATASETS = ("ml-100k", "amazon-beauty", "amazon-baby", "amazon-cellphones")
-SAMPLED_FOR_LLM = ("amazon-beauty",)
 ID_ONLY = ("amazon-baby", "amazon-cellphones")
 #: ablation label -> run-config overrides of ``lumos``
 ABLATIONS = {
@@ -45,18 +45,7 @@ ABLATIONS = {
     "lumos w/o counterfactual": {"lumos-counterfactual": False},
     "lumos retrieval-only views": {"views": "retrieval"},
 }
-MAIN_METRICS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
 GAIN_METRICS = ("HR@20", "NDCG@20")
-PROTOCOL = "unmasked"
-
-
-def slug(label: str) -> str:
-    """A row label as a folder and command-line name: ``sracl w/o user CL`` -> ``sracl-wo-user-CL``."""
-    return label.replace(" ", "-").replace("/", "").replace("--", "-")
-
-
-def run_folder(out: Path, dataset: str, label: str, seed: int) -> Path:
-    return out / dataset / slug(label) / f"seed{seed}"
 
 
 def sample_of(dataset: str, args: argparse.Namespace) -> int:
@@ -80,11 +69,24 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict, int]]:
 def execute(args: argparse.Namespace, budget: Budget) -> None:
     for dataset, label, method, overrides, seed in plan(args):
         views_dir = args.views_root / dataset if args.views_root else ""
-        config = {**parse_run_config(args.run_config), "sample-users": sample_of(dataset, args),
-                  "sample-seed": args.sample_seed, "views-dir": str(views_dir), **overrides}
+        config = {
+            **parse_run_config(args.run_config),
+            "sample-users": sample_of(dataset, args),
+            "sample-seed": args.sample_seed,
+            "views-dir": str(views_dir),
+            **overrides,
+        }
         print(f"== {dataset} / {label} / seed {seed}", flush=True)
-        run_method(method, str(args.data_root / dataset), run_folder(args.out, dataset, label, seed), seed,
-                   budget, config, args.engine, progress=not args.quiet)
+        run_method(
+            method,
+            str(args.data_root / dataset),
+            run_folder(args.out, dataset, label, seed),
+            seed,
+            budget,
+            config,
+            args.engine,
+            progress=not args.quiet,
+        )
 
 
 def load_runs(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
@@ -93,32 +95,14 @@ def load_runs(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     for dataset, label, _, _, seed in plan(args):
         folder = run_folder(args.out, dataset, label, seed)
         if (folder / "result.json").is_file():
-            found.setdefault(dataset, {}).setdefault(label, []).append({
-                "seed": seed, "result": json.loads((folder / "result.json").read_text()),
-                "metrics": json.loads((folder / "metrics.json").read_text()),
-            })
+            found.setdefault(dataset, {}).setdefault(label, []).append(
+                {
+                    "seed": seed,
+                    "result": read_result(folder / "result.json"),
+                    "metrics": json.loads((folder / "metrics.json").read_text()),
+                }
+            )
     return found
-
-
-def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation over seeds of each test metric."""
-    summary = {}
-    for metric in MAIN_METRICS:
-        values = [run["result"]["test"][PROTOCOL][metric] for run in runs]
-        summary[metric] = {"mean": statistics.fmean(values),
-                           "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-    return summary
-
-
-def gain(lumos: dict, baseline: dict) -> dict[str, float | bool]:
-    """Relative gain of the means, and whether the difference exceeds twice its standard error."""
-    mean, base = lumos["mean"], baseline["mean"]
-    error = math.sqrt(lumos["std"] ** 2 / lumos["n"] + baseline["std"] ** 2 / baseline["n"])
-    return {"relative": mean / base - 1 if base else math.nan, "beyond_noise": abs(mean - base) > 2 * error > 0}
-
-
-def _cell(summary: dict) -> str:
-    return f"{summary['mean']:.4f} ± {summary['std']:.4f}"
 
 
 def views_label(runs: list[dict]) -> str:
@@ -127,8 +111,10 @@ def views_label(runs: list[dict]) -> str:
 
 
 def main_table(found: dict, datasets: list[str], labels: list[str], args: argparse.Namespace) -> tuple[str, dict]:
-    lines = ["| dataset | method | seeds | " + " | ".join(MAIN_METRICS) + " | views |",
-             "|---|---|---|" + "---|" * len(MAIN_METRICS) + "---|"]
+    lines = [
+        "| dataset | method | seeds | " + " | ".join(MAIN_METRICS) + " | views |",
+        "|---|---|---|" + "---|" * len(MAIN_METRICS) + "---|",
+    ]
     payload: dict = {}
     for dataset in datasets:
         users = sample_of(dataset, args)
@@ -139,14 +125,19 @@ def main_table(found: dict, datasets: list[str], labels: list[str], args: argpar
                 continue
             summary = summarize(runs)
             payload.setdefault(dataset, {})[label] = {"summary": summary, "views": views_label(runs)}
-            lines.append(f"| {name} | {label} | {len(runs)} | " + " | ".join(_cell(summary[m]) for m in MAIN_METRICS)
-                         + f" | {views_label(runs) or '-'} |")
+            lines.append(
+                f"| {name} | {label} | {len(runs)} | "
+                + " | ".join(cell(summary[m]) for m in MAIN_METRICS)
+                + f" | {views_label(runs) or '-'} |"
+            )
     return "\n".join(lines), payload
 
 
 def gains_table(payload: dict) -> tuple[str, dict]:
-    lines = ["| dataset | lumos vs | " + " | ".join(f"{m} gain" for m in GAIN_METRICS) + " |",
-             "|---|---|" + "---|" * len(GAIN_METRICS)]
+    lines = [
+        "| dataset | lumos vs | " + " | ".join(f"{m} gain" for m in GAIN_METRICS) + " |",
+        "|---|---|" + "---|" * len(GAIN_METRICS),
+    ]
     gains: dict = {}
     for dataset, rows in payload.items():
         if "lumos" not in rows:
@@ -156,8 +147,13 @@ def gains_table(payload: dict) -> tuple[str, dict]:
                 continue
             cells = {m: gain(rows["lumos"]["summary"][m], row["summary"][m]) for m in GAIN_METRICS}
             gains.setdefault(dataset, {})[label] = cells
-            lines.append(f"| {dataset} | {label} | " + " | ".join(
-                f"{c['relative']:+.1%}{'' if c['beyond_noise'] else ' (within noise)'}" for c in cells.values()) + " |")
+            lines.append(
+                f"| {dataset} | {label} | "
+                + " | ".join(
+                    f"{c['relative']:+.1%}{'' if c['beyond_noise'] else ' (within noise)'}" for c in cells.values()
+                )
+                + " |"
+            )
     return "\n".join(lines), gains
 
 
@@ -165,8 +161,11 @@ def round_times(found: dict) -> dict[str, dict[str, float]]:
     """Median training seconds per round of ``lumos`` and ``fedavg-sasrec``, and their ratio."""
     times = {}
     for dataset, rows in found.items():
-        medians = {label: statistics.median(r["train_seconds"] for run in rows[label] for r in run["metrics"])
-                   for label in ("lumos", "fedavg-sasrec") if label in rows}
+        medians = {
+            label: statistics.median(r["train_seconds"] for run in rows[label] for r in run["metrics"])
+            for label in ("lumos", "fedavg-sasrec")
+            if label in rows
+        }
         if len(medians) == 2:
             times[dataset] = {**medians, "ratio": medians["lumos"] / medians["fedavg-sasrec"]}
     return times
@@ -185,9 +184,11 @@ def plot_curves(found: dict, out: Path) -> list[Path]:
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for index, (label, runs) in enumerate(rows.items()):
             color = f"C{index % 10}"
-            curves = [[(r["round"], r["test"][PROTOCOL]["HR@20"]) for r in run["metrics"] if "test" in r and "round" in r]
-                      for run in runs]
-            if label in FEDERATED or label.startswith("lumos"):
+            curves = [
+                [(r["round"], r["test"][PROTOCOL]["HR@20"]) for r in run["metrics"] if "test" in r and "round" in r]
+                for run in runs
+            ]
+            if label in FEDERATED_METHODS or label.startswith("lumos"):
                 rounds = sorted({point[0] for curve in curves for point in curve})
                 means = [statistics.fmean(v for curve in curves for rnd, v in curve if rnd == r) for r in rounds]
                 axis.plot(rounds, means, marker="o", markersize=3, label=label, color=color)
@@ -213,25 +214,56 @@ def report(args: argparse.Namespace, budget: Budget) -> Path:
     times = round_times(found)
     plots = plot_curves(found, args.out)
     lines = [
-        "# LUMOS: first results", "",
+        "# LUMOS: first results",
+        "",
         f"Budget: {budget.rounds} rounds, {budget.fraction_train:.0%} of the clients per round, "
         f"{budget.local_epochs} local epochs (centralized and local-only: {budget.epochs} epochs); "
-        f"test metrics, {PROTOCOL} full ranking, mean ± std over seeds.", "",
-        "## Main table", "", main, "", "## Relative gain of lumos", "",
-        "'within noise': the difference of the means is less than twice its standard error.", "", gains_text, "",
-        "## Ablation", "", ablation, "", "## Round time (training, median seconds per round)", "",
-        "| dataset | lumos | fedavg-sasrec | ratio |", "|---|---|---|---|",
-        *[f"| {d} | {t['lumos']:.1f} | {t['fedavg-sasrec']:.1f} | {t['ratio']:.2f} |" for d, t in times.items()], "",
-        "## Learning curves", "", *[f"![{p.stem}]({p.name})" for p in plots], "",
+        f"test metrics, {PROTOCOL} full ranking, mean ± std over seeds.",
+        "",
+        "## Main table",
+        "",
+        main,
+        "",
+        "## Relative gain of lumos",
+        "",
+        "'within noise': the difference of the means is less than twice its standard error.",
+        "",
+        gains_text,
+        "",
+        "## Ablation",
+        "",
+        ablation,
+        "",
+        "## Round time (training, median seconds per round)",
+        "",
+        "| dataset | lumos | fedavg-sasrec | ratio |",
+        "|---|---|---|---|",
+        *[f"| {d} | {t['lumos']:.1f} | {t['fedavg-sasrec']:.1f} | {t['ratio']:.2f} |" for d, t in times.items()],
+        "",
+        "## Learning curves",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
     ]
     path = args.out / "report.md"
     path.write_text("\n".join(lines))
-    write_json(args.out / "table_main.json", {
-        "budget": {"rounds": budget.rounds, "fraction_train": budget.fraction_train,
-                   "local_epochs": budget.local_epochs, "epochs": budget.epochs},
-        "seeds": args.seeds, "main": payload, "gains": gains, "ablation": ablation_payload, "round_times": times,
-    })
-    print("\n".join(lines[:-len(plots) - 1]))
+    write_json(
+        args.out / "table_main.json",
+        {
+            "budget": {
+                "rounds": budget.rounds,
+                "fraction_train": budget.fraction_train,
+                "local_epochs": budget.local_epochs,
+                "epochs": budget.epochs,
+            },
+            "seeds": args.seeds,
+            "main": payload,
+            "gains": gains,
+            "ablation": ablation_payload,
+            "round_times": times,
+        },
+    )
+    print("\n".join(lines[: -len(plots) - 1]))
     return path
 
 
@@ -250,7 +282,9 @@ def main() -> None:
     parser.add_argument("--beauty-users", type=int, default=1000, help="fixed random subset of amazon-beauty")
     parser.add_argument("--id-only-users", type=int, default=1000, help="subset of amazon-baby / amazon-cellphones")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the user subsets")
-    parser.add_argument("--views-root", type=Path, help="view caches as <root>/<dataset> (default: ~/.cache/lumos/views)")
+    parser.add_argument(
+        "--views-root", type=Path, help="view caches as <root>/<dataset> (default: ~/.cache/lumos/views)"
+    )
     parser.add_argument("--run-config", default="", help="run-config overrides of every run (TOML-typed)")
     parser.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"))
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.augmentations import augment_batch
-from models.losses import symmetric_info_nce
-from models.sasrec import SASRec, SASRecConfig
+from lumosrec.models.augmentations import augment_batch
+from lumosrec.models.losses import symmetric_info_nce
+from lumosrec.models.sasrec import SASRec, SASRecConfig
 
 
 @dataclass
@@ -40,13 +40,21 @@ class CL4SRec(SASRec):
 
     def __init__(self, config: CL4SRecConfig) -> None:
         super().__init__(config)
-        #: draws the augmentations; a federated client replaces it with its own per round
+        #: draws the augmentations of centralized training (a federated client passes its own)
         self.rng = np.random.default_rng(config.seed)
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-             users: torch.Tensor | None = None) -> torch.Tensor:
-        config = self.config
+    def loss(
+        self,
+        items: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        users: torch.Tensor | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> torch.Tensor:
+        """Next-item cross-entropy plus the augmentation contrast; ``rng`` draws the
+        augmentations (the model's own generator when None)."""
+        config, rng = self.config, rng if rng is not None else self.rng
         rec_loss = self.recommendation_loss(self.encode(items, lengths), targets)
-        first = self.encode(*augment_batch(items, lengths, self.rng, config.eta, config.gamma, config.beta))
-        second = self.encode(*augment_batch(items, lengths, self.rng, config.eta, config.gamma, config.beta))
+        first = self.encode(*augment_batch(items, lengths, rng, config.eta, config.gamma, config.beta))
+        second = self.encode(*augment_batch(items, lengths, rng, config.eta, config.gamma, config.beta))
         return rec_loss + config.cl_weight * symmetric_info_nce(first, second, config.temperature)

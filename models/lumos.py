@@ -13,7 +13,7 @@ LLMs." arXiv 2602.09306, 2026. https://arxiv.org/abs/2602.09306
 ``z = g(h)`` is a client-private projection head ``g`` over the SASRec representation ``h``
 of a training prefix; ``z_f``, ``z_p`` and ``z_{cf}`` are the projections of the prefix's
 *future*, *paraphrase* and *counterfactual* sequences, built from the user's views
-(:mod:`augment.views`). Other rows' positives are in-batch negatives and the counterfactual
+(:mod:`lumosrec.augment.views`). Other rows' positives are in-batch negatives and the counterfactual
 is an extra hard negative in both denominators; similarity is the cosine over ``tau``. The
 contrastive terms use a random subset of ``contrastive_rows`` samples of each batch: every view
 costs one more encoder pass over the rows it covers.
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lumosrec.batching import pad_sequences
-from models.losses import info_nce
-from models.sasrec import SASRec, SASRecConfig
+from lumosrec.core.batching import pad_sequences
+from lumosrec.models.losses import info_nce
+from lumosrec.models.sasrec import SASRec, SASRecConfig
 
 VIEW_NAMES = ("future", "paraphrase", "counterfactual")
 
@@ -83,18 +83,22 @@ class UserViews:
         return len(self.lengths[VIEW_NAMES[0]])
 
 
-def _append(items: np.ndarray, lengths: np.ndarray, extra: np.ndarray, extra_lengths: np.ndarray,
-            max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _append(
+    items: np.ndarray, lengths: np.ndarray, extra: np.ndarray, extra_lengths: np.ndarray, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's sequence followed by its extra items, keeping the last ``max_len``."""
     rows = [np.concatenate([row[:n], more[:m]]) for row, n, more, m in zip(items, lengths, extra, extra_lengths)]
     return pad_sequences(rows, max_len)
 
 
-def _replace_tail(items: np.ndarray, lengths: np.ndarray, extra: np.ndarray,
-                  extra_lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _replace_tail(
+    items: np.ndarray, lengths: np.ndarray, extra: np.ndarray, extra_lengths: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's most recent ``min(n, m)`` items replaced by the first of its extra items."""
-    rows = [np.concatenate([row[: n - min(n, m)], more[: min(n, m)]])
-            for row, n, more, m in zip(items, lengths, extra, extra_lengths)]
+    rows = [
+        np.concatenate([row[: n - min(n, m)], more[: min(n, m)]])
+        for row, n, more, m in zip(items, lengths, extra, extra_lengths)
+    ]
     return pad_sequences(rows, items.shape[1])
 
 
@@ -106,14 +110,10 @@ class LUMOS(SASRec):
     def __init__(self, config: LUMOSConfig) -> None:
         super().__init__(config)
         self.projection = nn.Sequential(
-            nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+            nn.ReLU(),
             nn.Linear(config.hidden_size, config.projection_size),
         )
-        self.views: UserViews | None = None
-
-    def set_views(self, views: UserViews | None) -> None:
-        """The views of the users whose samples the next batches hold (``users`` index them)."""
-        self.views = views
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's arrays: exactly SASRec's keys, what a client sends."""
@@ -121,8 +121,9 @@ class LUMOS(SASRec):
 
     def private_state_dict(self) -> dict[str, torch.Tensor]:
         """The projection head's arrays: kept by the client, never sent."""
-        return {k[len(self.PRIVATE_PREFIX):]: v for k, v in self.state_dict().items()
-                if k.startswith(self.PRIVATE_PREFIX)}
+        return {
+            k[len(self.PRIVATE_PREFIX) :]: v for k, v in self.state_dict().items() if k.startswith(self.PRIVATE_PREFIX)
+        }
 
     def reset_private_parameters(self) -> None:
         """A freshly initialised projection head (from torch's current random state)."""
@@ -136,34 +137,43 @@ class LUMOS(SASRec):
         if unexpected or any(not key.startswith(self.PRIVATE_PREFIX) for key in missing):
             raise ValueError(f"backbone arrays do not match LUMOS: missing {missing}, unexpected {unexpected}")
 
-    def view_sequences(self, items: torch.Tensor, lengths: torch.Tensor,
-                       users: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per view, ``(items, lengths, has_view)`` of every sample's view sequence."""
+    def view_sequences(
+        self, items: torch.Tensor, lengths: torch.Tensor, users: torch.Tensor, views: UserViews
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per view, ``(items, lengths, has_view)`` of every sample's view sequence; ``users``
+        index the rows of ``views``."""
         rows, counts, users = items.cpu().numpy(), lengths.cpu().numpy(), users.cpu()
         sequences = {}
         for name in self._active_views():
-            extra = self.views.items[name][users].numpy()
-            extra_lengths = self.views.lengths[name][users].numpy()
+            extra = views.items[name][users].numpy()
+            extra_lengths = views.lengths[name][users].numpy()
             if name == "future":
                 seq, seq_lengths = _append(rows, counts, extra, extra_lengths, self.config.max_len)
             else:
                 seq, seq_lengths = _replace_tail(rows, counts, extra, extra_lengths)
-            sequences[name] = (seq.to(items.device), seq_lengths.to(items.device),
-                               torch.from_numpy(extra_lengths > 0).to(items.device))
+            sequences[name] = (
+                seq.to(items.device),
+                seq_lengths.to(items.device),
+                torch.from_numpy(extra_lengths > 0).to(items.device),
+            )
         return sequences
 
     def _active_views(self) -> list[str]:
         config = self.config
-        active = [name for name, weight in (("future", config.lambda_future),
-                                            ("paraphrase", config.lambda_paraphrase)) if weight > 0]
+        active = [
+            name
+            for name, weight in (("future", config.lambda_future), ("paraphrase", config.lambda_paraphrase))
+            if weight > 0
+        ]
         if active and config.use_counterfactual:
             active.append("counterfactual")
         return active
 
-    def contrastive_loss(self, anchors: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor,
-                         users: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(
+        self, anchors: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, users: torch.Tensor, views: UserViews
+    ) -> torch.Tensor:
         """The weighted InfoNCE terms for a batch whose prefix representations are ``anchors``."""
-        sequences = self.view_sequences(items, lengths, users)
+        sequences = self.view_sequences(items, lengths, users, views)
         names = list(sequences)
         # one encoder pass for every view: the batch rows of each view stacked
         width = max(seq.shape[1] for seq, _, _ in sequences.values())
@@ -188,15 +198,22 @@ class LUMOS(SASRec):
             total = total + weight * info_nce(anchor[keep], z[name][keep], self.config.tau, hard_negatives=hard)
         return total
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-             users: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-item cross-entropy plus the tri-view terms (when views are set)."""
+    def loss(
+        self,
+        items: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        users: torch.Tensor | None = None,
+        views: UserViews | None = None,
+    ) -> torch.Tensor:
+        """Next-item cross-entropy plus the tri-view terms over ``views`` (the node's users'
+        views, indexed by ``users``); without views, SASRec's loss alone."""
         anchors = self.encode(items, lengths)
         loss = self.recommendation_loss(anchors, targets)
-        if self.views is None or users is None or not self._active_views():
+        if views is None or users is None or not self._active_views():
             return loss
         rows = self.config.contrastive_rows
         if 0 < rows < len(items):
             chosen = torch.randperm(len(items), device=items.device)[:rows]
             anchors, items, lengths, users = anchors[chosen], items[chosen], lengths[chosen], users[chosen]
-        return loss + self.contrastive_loss(anchors, items, lengths, users)
+        return loss + self.contrastive_loss(anchors, items, lengths, users, views)

@@ -71,7 +71,7 @@ class TransformerLayer(nn.Module):
 class SASRec(nn.Module):
     """SASRec encoder with a full-softmax next-item loss.
 
-    Inputs are left-aligned padded item matrices (see :mod:`lumosrec.batching`): item ``k``
+    Inputs are left-aligned padded item matrices (see :mod:`lumosrec.core.batching`): item ``k``
     of a sequence at position ``k``, padding ``0`` after the last item. Because attention is
     causal, positions past a sequence's length never influence its last real position.
     """
@@ -129,8 +129,9 @@ class SASRec(nn.Module):
         logits[:, 0] = -torch.inf
         return F.cross_entropy(logits, targets)
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-             users: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, users: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Training loss of one batch of (sequence, next item) samples; ``users`` (each sample's
         user) serves models with per-user inputs such as LUMOS's views."""
         return self.recommendation_loss(self.encode(items, lengths), targets)

@@ -18,7 +18,7 @@ Learning for Sequential Recommendation." NeurIPS 2025. https://arxiv.org/abs/250
 
 Both terms are NT-Xent with dot-product similarity and temperature ``tau`` (the paper
 code's ``info_nce``). Inference uses the backbone only, so scores are SASRec's. Neighbours
-are users here, not prefixes (one LLM summary per user, :mod:`augment.semantic`): a
+are users here, not prefixes (one LLM summary per user, :mod:`lumosrec.augment.semantic`): a
 neighbour's sequence is its training sequence, so no validation or test item enters training.
 """
 
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lumosrec.batching import pad_sequences
-from models.losses import nt_xent
-from models.sasrec import SASRec, SASRecConfig
+from lumosrec.core.batching import pad_sequences
+from lumosrec.models.losses import nt_xent
+from lumosrec.models.sasrec import SASRec, SASRecConfig
 
 SYNTHESIZERS = ("learnable", "top1")
 
@@ -71,9 +71,14 @@ class SRACL(SASRec):
         for name in ("user_semantics", "user_neighbours", "neighbour_items", "neighbour_lengths", "item_neighbours"):
             self.register_buffer(name, None, persistent=False)
 
-    def set_semantics(self, user_vectors: np.ndarray, user_neighbours: np.ndarray,
-                      train_sequences: Sequence[np.ndarray], item_neighbours: np.ndarray) -> None:
-        """The semantic side (:class:`augment.semantic.SemanticSide`) and each user's training
+    def set_semantics(
+        self,
+        user_vectors: np.ndarray,
+        user_neighbours: np.ndarray,
+        train_sequences: Sequence[np.ndarray],
+        item_neighbours: np.ndarray,
+    ) -> None:
+        """The semantic side (:class:`lumosrec.augment.semantic.SemanticSide`) and each user's training
         sequence, the input of the user's encoding when it is someone's neighbour."""
         device = self.item_embedding.weight.device
         items, lengths = pad_sequences(train_sequences, self.config.max_len)
@@ -109,8 +114,9 @@ class SRACL(SASRec):
         replace = (draws < self.config.substitution_rate) & (items > 0)
         return torch.where(replace, self.item_neighbours[items, choice], items)
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-             users: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, users: torch.Tensor | None = None
+    ) -> torch.Tensor:
         config = self.config
         if self.user_neighbours is None or users is None:
             raise RuntimeError("SRA-CL trains with its semantic side: call set_semantics() and pass users")

@@ -2,8 +2,8 @@
 
 The loop is :meth:`flwr.serverapp.strategy.Strategy.start`'s (configure → send → aggregate,
 for training then evaluation), written out so that every completed round is checkpointed
-(:mod:`server.checkpoint`), client failures are counted per round, and the run ends with the
-same ``result.json`` schema as centralized runs (:mod:`lumosrec.results`).
+(:mod:`lumosrec.server.checkpoint`), client failures are counted per round, and the run ends with the
+same ``result.json`` schema as centralized runs (:mod:`lumosrec.core.results`).
 """
 
 from __future__ import annotations
@@ -20,29 +20,45 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
-from lumosrec.dataset import catalog_size
-from lumosrec.evaluation import PROTOCOLS, STAGES, RankCounts
-from lumosrec.federated import build_model, method_name, run_data
-from lumosrec.results import RunDirectory, peak_rss_mb
-from lumosrec.training import EARLY_STOPPING_METRIC, seed_everything
-from server import checkpoint
-from server.strategies import build_strategy, strategy_is_linear, sum_metric_records
+from lumosrec.client.objectives import fingerprint_keys, method_name
+from lumosrec.core.data import run_data
+from lumosrec.core.dataset import catalog_size
+from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts
+from lumosrec.core.results import RunDirectory, peak_rss_mb
+from lumosrec.core.runconfig import model_sizes
+from lumosrec.core.training import EARLY_STOPPING_METRIC, seed_everything
+from lumosrec.models.factory import build_model
+from lumosrec.server import checkpoint
+from lumosrec.server.strategies import build_strategy, strategy_is_linear, sum_metric_records
 
 app = ServerApp()
 log = logging.getLogger("lumos.server")
 
-#: Settings that must match for a checkpoint to be resumed.
+#: Shared settings that must match for a checkpoint to be resumed (each objective adds its own).
 FINGERPRINT_KEYS = (
-    "data", "strategy", "seed", "max-len", "hidden-size", "num-layers", "num-heads", "inner-size",
-    "fraction-train", "local-epochs", "learning-rate", "batch-size", "client-optimizer", "max-grad-norm",
-    "sample-users", "sample-seed", "objective", "cl-weight", "cl-temperature", "lumos-lambda-future",
-    "lumos-lambda-paraphrase", "lumos-tau", "lumos-counterfactual", "lumos-contrastive-rows", "views",
-    "views-model", "views-items",
+    "data",
+    "strategy",
+    "seed",
+    "max-len",
+    "hidden-size",
+    "num-layers",
+    "num-heads",
+    "inner-size",
+    "fraction-train",
+    "local-epochs",
+    "learning-rate",
+    "batch-size",
+    "client-optimizer",
+    "max-grad-norm",
+    "sample-users",
+    "sample-seed",
+    "objective",
 )
 
 
 def fingerprint(run: Mapping) -> dict:
-    return {key: run[key] for key in FINGERPRINT_KEYS if key in run}
+    """The run's settings that a checkpoint must have been written with to be resumed."""
+    return {key: run[key] for key in (*FINGERPRINT_KEYS, *fingerprint_keys()) if key in run}
 
 
 def metrics_from_histograms(aggregated: Mapping) -> dict[str, dict[str, dict[str, float]]]:
@@ -105,8 +121,12 @@ def _evaluate(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRe
         replied += len(received)
         partial = strategy.aggregate_evaluate(server_round, received)
         if partial is not None:
-            summed = partial if summed is None else sum_metric_records(
-                [RecordDict({"metrics": summed}), RecordDict({"metrics": partial})], "num-examples"
+            summed = (
+                partial
+                if summed is None
+                else sum_metric_records(
+                    [RecordDict({"metrics": summed}), RecordDict({"metrics": partial})], "num-examples"
+                )
             )
     return summed, failures, replied
 
@@ -121,14 +141,16 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         dataset = run_data(run)
         dataset_name, num_items = dataset.name, dataset.num_items
     seed_everything(int(run["seed"]))
-    model = build_model(run, num_items)
+    model = build_model("sasrec", num_items, **model_sizes(run))
     num_nodes = len(list(grid.get_node_ids()))
     strategy = build_strategy(run, max(1, round(float(run["fraction-train"]) * num_nodes)))
     state = checkpoint.load(out, fingerprint(run)) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
     if state is None:
         state = checkpoint.RoundState(0, model.state_dict(), fingerprint=fingerprint(run))
-        run_dir.write_config({"strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes})
+        run_dir.write_config(
+            {"method": method_name(run), "strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes}
+        )
     else:
         checkpoint.restore_strategy(strategy, state)
         log.info("resuming from %s after round %d", out / checkpoint.CHECKPOINT_FILE, state.completed_rounds)
@@ -161,8 +183,11 @@ def run_rounds(grid: Grid, context: Context) -> dict:
             row.update(metrics_from_histograms(summed), eval_seconds=time.perf_counter() - eval_started)
             log.info(
                 "round %d: loss %.4f, test HR@20 %.4f NDCG@20 %.4f (%d failures)",
-                server_round, row["train_loss"] or float("nan"), row["test"]["unmasked"]["HR@20"],
-                row["test"]["unmasked"]["NDCG@20"], train_failures + eval_failures,
+                server_round,
+                row["train_loss"] or float("nan"),
+                row["test"]["unmasked"]["HR@20"],
+                row["test"]["unmasked"]["NDCG@20"],
+                train_failures + eval_failures,
             )
         row["round_seconds"] = time.perf_counter() - started
         run_dir.log_metrics(row)
@@ -186,7 +211,7 @@ def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory) -> dict:
     # e.g. for timing) leaves the metrics empty
     best = max(reversed(evaluated), key=lambda r: r["valid"]["unmasked"][EARLY_STOPPING_METRIC], default={})
     result = {
-        "strategy": method_name(run),
+        "method": method_name(run),
         "dataset": dataset_name,
         "seed": int(run["seed"]),
         "epochs": len(run_dir.history),

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from lumosrec.errors import ConfigError
+from lumosrec.core.errors import ConfigError
 
 
 def sum_metric_records(contents: list[RecordDict], weight_key: str) -> MetricRecord:

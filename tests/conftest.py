@@ -21,10 +21,7 @@ def folder(tmp_path: Path) -> Path:
     """Three users; user 30 has ties in time, user 40 is too short to keep."""
     write(
         tmp_path / "interactions.csv",
-        "user_id,item_id,timestamp\n"
-        "10,7,100\n10,5,50\n10,9,200\n10,5,300\n"
-        "30,9,10\n30,7,10\n30,8,5\n"
-        "40,7,1\n40,9,2\n",
+        "user_id,item_id,timestamp\n10,7,100\n10,5,50\n10,9,200\n10,5,300\n30,9,10\n30,7,10\n30,8,5\n40,7,1\n40,9,2\n",
     )
     write(
         tmp_path / "items.csv",
@@ -33,8 +30,10 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +49,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=2048,
+    )
     folder = tmp_path_factory.mktemp("tiny-llm") / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

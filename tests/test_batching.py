@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lumosrec.batching import PrefixSamples, pad_sequences
+from lumosrec.core.batching import PrefixSamples, pad_sequences
 
 
 def test_pad_sequences_keeps_the_last_items_left_aligned() -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumosrec.dataset import load_dataset
-from lumosrec.errors import DataError
+from lumosrec.core.dataset import load_dataset
+from lumosrec.core.errors import DataError
 from tests.conftest import write
 
 
@@ -58,16 +58,26 @@ BAD_INPUTS = {
     "missing interactions": ("", "item_id,title,categories\n1,a,\n", "interactions.csv not found"),
     "misnamed column": ("user,item_id,timestamp\n1,1,1\n", None, "line 1: missing column(s) user_id"),
     "missing column": ("user_id,item_id\n1,1\n", None, "missing column(s) timestamp"),
-    "non-integer id": ("user_id,item_id,timestamp\n1,1,1\n1,x7,2\n", None, "line 3, column item_id: 'x7' is not an integer"),
+    "non-integer id": (
+        "user_id,item_id,timestamp\n1,1,1\n1,x7,2\n",
+        None,
+        "line 3, column item_id: 'x7' is not an integer",
+    ),
     "empty id": ("user_id,item_id,timestamp\n,1,1\n", None, "line 2, column user_id: empty value"),
     "bad timestamp": ("user_id,item_id,timestamp\n1,1,soon\n", None, "line 2, column timestamp"),
-    "unknown item": ("user_id,item_id,timestamp\n1,1,1\n1,2,2\n1,99,3\n", "item_id,title,categories\n1,a,\n2,b,\n",
-                     "line 4: item 99 is not in"),
+    "unknown item": (
+        "user_id,item_id,timestamp\n1,1,1\n1,2,2\n1,99,3\n",
+        "item_id,title,categories\n1,a,\n2,b,\n",
+        "line 4: item 99 is not in",
+    ),
     "empty file": ("", None, "interactions.csv: file is empty"),
     "header only": ("user_id,item_id,timestamp\n", None, "no interactions after the header"),
     "duplicated row": ("user_id,item_id,timestamp\n1,1,1\n1,2,2\n1,1,1\n", None, "line 4: duplicate of line 2"),
-    "duplicated item": ("user_id,item_id,timestamp\n1,1,1\n", "item_id,title,categories\n1,a,\n1,b,\n",
-                        "line 3: item_id 1 is listed twice"),
+    "duplicated item": (
+        "user_id,item_id,timestamp\n1,1,1\n",
+        "item_id,title,categories\n1,a,\n1,b,\n",
+        "line 3: item_id 1 is listed twice",
+    ),
     "missing items column": ("user_id,item_id,timestamp\n1,1,1\n", "item_id,name\n1,a\n", "missing column(s) title"),
     "only short users": ("user_id,item_id,timestamp\n1,1,1\n1,2,2\n", None, "no user has at least 3"),
 }

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
-from lumosrec.deployment import Certificates, LoopbackDeployment, compose_commands, split_nodes
-from lumosrec.federated import APP_DIR, format_run_config
-from lumosrec.synthetic import SyntheticConfig, generate
+from lumosrec.core.runconfig import format_run_config
+from lumosrec.core.synthetic import SyntheticConfig, generate
+from lumosrec.launch.app import APP_DIR
+from lumosrec.launch.deployment import Certificates, LoopbackDeployment, compose_commands, split_nodes
 
 COMPOSE = APP_DIR / "docker-compose.yml"
 COMPOSE_CERTS = Certificates(Path("/certs/ca.crt"), Path("/certs/server.pem"), Path("/certs/server.key"))
@@ -25,10 +27,12 @@ def test_compose_file_runs_the_deployment_topology() -> None:
         mounts = {services[f"supernode-{i}"]["volumes"][-1], services[f"superexec-clientapp-{i}"]["volumes"][-1]}
         assert mounts == {f"./deploy-data/node-{i}:/data:ro"}
     assert services["superlink"]["ports"] == ["8000:8000"]
-    assert all(s.get("environment", {}).get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1"
-               for s in services.values())
+    assert all(
+        s.get("environment", {}).get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1" for s in services.values()
+    )
 
 
+@pytest.mark.slow
 def test_tls_loopback_deployment_with_a_failing_node(tmp_path: Path) -> None:
     """SuperLink + 2 SuperNodes over TLS for 2 rounds, plus a node whose data is broken:
     the rounds complete, its failures are counted, and the metrics cover the healthy nodes."""
@@ -38,11 +42,19 @@ def test_tls_loopback_deployment_with_a_failing_node(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "interactions.csv").write_text("user_id,item\n1,2\n")
     out = tmp_path / "run"
-    run_config = format_run_config({
-        "catalog": str(tmp_path / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": 2,
-        "fraction-train": 1.0, "min-nodes": 3, "eval-every": 1, "hidden-size": 16, "inner-size": 32,
-        "round-timeout": 120.0,
-    })
+    run_config = format_run_config(
+        {
+            "catalog": str(tmp_path / "data" / "catalog"),
+            "out-dir": str(out),
+            "num-server-rounds": 2,
+            "fraction-train": 1.0,
+            "min-nodes": 3,
+            "eval-every": 1,
+            "hidden-size": 16,
+            "inner-size": 32,
+            "round-timeout": 120.0,
+        }
+    )
     with LoopbackDeployment([*folders, broken], tmp_path / "processes", tls=True) as deployment:
         assert deployment.certs is not None
         status = deployment.run(APP_DIR, run_config, timeout=600)

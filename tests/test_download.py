@@ -15,29 +15,41 @@ from pathlib import Path
 
 import pytest
 
-from lumosrec import download as dl
-from lumosrec.download import DATASETS, convert_ml1m, default_cache_dir, download
-from lumosrec.errors import DownloadError, LumosError
+from lumosrec.core import download as dl
+from lumosrec.core import paths
+from lumosrec.core.download import DATASETS, convert_ml1m, download
+from lumosrec.core.errors import DownloadError, LumosError
+from lumosrec.core.paths import cache_dir, cache_root
 
 
 def _flags(*genres: str) -> str:
     return "|".join("1" if g in genres else "0" for g in dl.ML100K_GENRES)
 
 
-ML100K_DATA = "\n".join([
-    "2\t20\t3\t881250949",
-    "1\t30\t4\t881250950",
-    "1\t10\t5\t881250940",   # earlier, listed later: must move first
-    "2\t10\t1\t881250000",
-    "1\t20\t2\t881250950",   # same user and time as the 30-row: source order kept
-]) + "\n"
+ML100K_DATA = (
+    "\n".join(
+        [
+            "2\t20\t3\t881250949",
+            "1\t30\t4\t881250950",
+            "1\t10\t5\t881250940",  # earlier, listed later: must move first
+            "2\t10\t1\t881250000",
+            "1\t20\t2\t881250950",  # same user and time as the 30-row: source order kept
+        ]
+    )
+    + "\n"
+)
 _TOY_GENRES = _flags("Animation", "Children's", "Comedy")
-ML100K_ITEM = "\n".join([
-    f"10|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|{_TOY_GENRES}",
-    f"20|Shawshank Redemption, The (1994)|01-Jan-1994||http://x|{_flags('Drama')}",
-    f"30|Métisse (Café au Lait) (1993)|01-Jan-1993||http://y|{_flags('unknown')}",
-    f"40|Never Rated (1990)|01-Jan-1990||http://z|{_flags('Western')}",
-]) + "\n"
+ML100K_ITEM = (
+    "\n".join(
+        [
+            f"10|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|{_TOY_GENRES}",
+            f"20|Shawshank Redemption, The (1994)|01-Jan-1994||http://x|{_flags('Drama')}",
+            f"30|Métisse (Café au Lait) (1993)|01-Jan-1993||http://y|{_flags('unknown')}",
+            f"40|Never Rated (1990)|01-Jan-1990||http://z|{_flags('Western')}",
+        ]
+    )
+    + "\n"
+)
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -49,8 +61,7 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def _ml100k_zip(path: Path) -> Path:
-    return _zip(path, {"ml-100k/u.data": ML100K_DATA.encode("ascii"),
-                       "ml-100k/u.item": ML100K_ITEM.encode("latin-1")})
+    return _zip(path, {"ml-100k/u.data": ML100K_DATA.encode("ascii"), "ml-100k/u.item": ML100K_ITEM.encode("latin-1")})
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -64,8 +75,11 @@ def test_ml100k_from_preplaced_raw(tmp_path: Path) -> None:
     assert out == tmp_path / "ml-100k"
     assert (out / "interactions.csv").read_text(encoding="utf-8").splitlines() == [
         "user_id,item_id,timestamp",
-        "1,10,881250940", "1,30,881250950", "1,20,881250950",
-        "2,10,881250000", "2,20,881250949",
+        "1,10,881250940",
+        "1,30,881250950",
+        "1,20,881250950",
+        "2,10,881250000",
+        "2,20,881250949",
     ]
     assert _rows(out / "items.csv") == [
         ["item_id", "title", "categories"],
@@ -97,12 +111,16 @@ def test_cached_conversion_is_reused_and_force_redoes_it(tmp_path: Path, monkeyp
 def test_ml1m_conversion_and_min_rating(tmp_path: Path) -> None:
     ratings = "3::2::5::978300760\n1::1::2::978300019\n1::2::4::978300000\n3::1::3::978300700\n"
     movies = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Amélie, or else (2001)::Comedy|Romance\n"
-    _zip(tmp_path / "ml-1m" / "raw" / "ml-1m.zip",
-         {"ml-1m/ratings.dat": ratings.encode("ascii"), "ml-1m/movies.dat": movies.encode("latin-1")})
+    _zip(
+        tmp_path / "ml-1m" / "raw" / "ml-1m.zip",
+        {"ml-1m/ratings.dat": ratings.encode("ascii"), "ml-1m/movies.dat": movies.encode("latin-1")},
+    )
     out = download("ml-1m", cache_dir=tmp_path, progress=False)
     assert _rows(out / "interactions.csv")[1:] == [
-        ["1", "2", "978300000"], ["1", "1", "978300019"],
-        ["3", "1", "978300700"], ["3", "2", "978300760"],
+        ["1", "2", "978300000"],
+        ["1", "1", "978300019"],
+        ["3", "1", "978300700"],
+        ["3", "2", "978300760"],
     ]
     assert _rows(out / "items.csv")[1:] == [
         ["1", "Toy Story (1995)", "Animation|Children's|Comedy"],
@@ -122,15 +140,38 @@ def _gz_lines(path: Path, lines: list[str]) -> None:
 
 def test_amazon_conversion_maps_ids(tmp_path: Path) -> None:
     raw = tmp_path / "amazon-beauty" / "raw"
-    reviews = [("B_USER", "ASIN_X", 300), ("A_USER", "ASIN_Y", 200), ("B_USER", "ASIN_Y", 100),
-               ("A_USER", "ASIN_Z", 100), ("A_USER", "ASIN_X", 200)]
-    _gz_lines(raw / "reviews_Beauty_5.json.gz", [json.dumps(
-        {"reviewerID": u, "asin": a, "reviewerName": "n", "overall": 5.0,
-         "reviewText": "ok", "unixReviewTime": t, "reviewTime": "01 1, 2014"}) for u, a, t in reviews])
+    reviews = [
+        ("B_USER", "ASIN_X", 300),
+        ("A_USER", "ASIN_Y", 200),
+        ("B_USER", "ASIN_Y", 100),
+        ("A_USER", "ASIN_Z", 100),
+        ("A_USER", "ASIN_X", 200),
+    ]
+    _gz_lines(
+        raw / "reviews_Beauty_5.json.gz",
+        [
+            json.dumps(
+                {
+                    "reviewerID": u,
+                    "asin": a,
+                    "reviewerName": "n",
+                    "overall": 5.0,
+                    "reviewText": "ok",
+                    "unixReviewTime": t,
+                    "reviewTime": "01 1, 2014",
+                }
+            )
+            for u, a, t in reviews
+        ],
+    )
     meta = [
         {"asin": "ASIN_UNUSED", "title": "Not reviewed", "categories": [["Beauty", "Nails"]]},
-        {"asin": "ASIN_Y", "title": "Soap, \"extra\" mild", "price": 3.5,
-         "categories": [["Beauty", "Bath & Body", "Soaps"], ["Health", "Soap"]]},
+        {
+            "asin": "ASIN_Y",
+            "title": 'Soap, "extra" mild',
+            "price": 3.5,
+            "categories": [["Beauty", "Bath & Body", "Soaps"], ["Health", "Soap"]],
+        },
         {"asin": "ASIN_Z", "title": "Crème brûlée lotion", "categories": [["Skin Care", "Lotion"]]},
         {"asin": "ASIN_X", "categories": [["Beauty"]]},
     ]
@@ -140,7 +181,11 @@ def test_amazon_conversion_maps_ids(tmp_path: Path) -> None:
     assert _rows(out / "user_map.csv") == [["user_id", "reviewer_id"], ["1", "A_USER"], ["2", "B_USER"]]
     assert _rows(out / "item_map.csv") == [["item_id", "asin"], ["1", "ASIN_Z"], ["2", "ASIN_Y"], ["3", "ASIN_X"]]
     assert _rows(out / "interactions.csv")[1:] == [
-        ["1", "1", "100"], ["1", "2", "200"], ["1", "3", "200"], ["2", "2", "100"], ["2", "3", "300"],
+        ["1", "1", "100"],
+        ["1", "2", "200"],
+        ["1", "3", "200"],
+        ["2", "2", "100"],
+        ["2", "3", "300"],
     ]
     assert _rows(out / "items.csv")[1:] == [
         ["1", "Crème brûlée lotion", "Skin Care|Lotion"],
@@ -157,8 +202,7 @@ def _one_line_error(excinfo: pytest.ExceptionInfo) -> str:
 
 def test_offline_without_raw_files(tmp_path: Path, monkeypatch) -> None:
     url = "http://127.0.0.1:9/x.zip"
-    monkeypatch.setitem(DATASETS, "ml-100k",
-                        dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": url}))
+    monkeypatch.setitem(DATASETS, "ml-100k", dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": url}))
     with pytest.raises(DownloadError) as excinfo:
         download("ml-100k", cache_dir=tmp_path, progress=False)
     message = _one_line_error(excinfo)
@@ -196,8 +240,10 @@ def test_corrupt_gzip_and_bad_line(tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as excinfo:
         download("amazon-beauty", cache_dir=tmp_path, progress=False)
     assert "reviews_Beauty_5.json.gz" in _one_line_error(excinfo)
-    _gz_lines(raw / "reviews_Beauty_5.json.gz", ['{"reviewerID": "A", "asin": "B", "unixReviewTime": 1}',
-                                                 '{"reviewerID": "A", "asin": "B"}'])
+    _gz_lines(
+        raw / "reviews_Beauty_5.json.gz",
+        ['{"reviewerID": "A", "asin": "B", "unixReviewTime": 1}', '{"reviewerID": "A", "asin": "B"}'],
+    )
     with pytest.raises(DownloadError) as excinfo:
         download("amazon-beauty", cache_dir=tmp_path, progress=False)
     assert "line 2" in _one_line_error(excinfo)
@@ -220,23 +266,35 @@ def http_root(tmp_path: Path):
 def test_download_over_http(tmp_path: Path, monkeypatch, http_root) -> None:
     root, base = http_root
     _ml100k_zip(root / "served.zip")
-    monkeypatch.setitem(DATASETS, "ml-100k", dataclasses.replace(
-        DATASETS["ml-100k"], files={"ml-100k.zip": f"{base}/served.zip"}))
+    monkeypatch.setitem(
+        DATASETS, "ml-100k", dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": f"{base}/served.zip"})
+    )
     out = download("ml-100k", cache_dir=tmp_path / "cache", progress=True)
     assert (out / "raw" / "ml-100k.zip").read_bytes() == (root / "served.zip").read_bytes()
     assert [p.name for p in (out / "raw").iterdir()] == ["ml-100k.zip"]
     assert len(_rows(out / "interactions.csv")) == 6
-    monkeypatch.setitem(DATASETS, "ml-100k", dataclasses.replace(
-        DATASETS["ml-100k"], files={"ml-100k.zip": f"{base}/missing.zip"}))
+    monkeypatch.setitem(
+        DATASETS, "ml-100k", dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": f"{base}/missing.zip"})
+    )
     with pytest.raises(DownloadError) as excinfo:
         download("ml-100k", cache_dir=tmp_path / "cache", force=True, progress=False)
     assert "404" in _one_line_error(excinfo)
     assert (out / "raw" / "ml-100k.zip").is_file()  # failed refetch keeps the old file
 
 
-def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LUMOS_CACHE_DIR", str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("LUMOS_CACHE_DIR")
+def test_one_cache_root(monkeypatch, tmp_path: Path, caplog) -> None:
+    monkeypatch.delenv("LUMOS_CACHE_DIR", raising=False)
+    monkeypatch.delenv("LUMOS_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / ".cache" / "lumos" / "datasets"
+    assert cache_dir("datasets") == tmp_path / ".cache" / "lumos" / "datasets"
+    monkeypatch.setenv("LUMOS_CACHE", str(tmp_path / "root"))
+    assert cache_root() == tmp_path / "root"
+    assert cache_dir("datasets") == tmp_path / "root" / "datasets"
+    assert cache_dir("views") == tmp_path / "root" / "views"
+    # the old variable named the datasets folder alone: still honoured, with a deprecation line
+    monkeypatch.setenv("LUMOS_CACHE_DIR", str(tmp_path / "old"))
+    paths._warn_legacy_datasets_env.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert cache_dir("datasets") == tmp_path / "old"
+    assert "LUMOS_CACHE_DIR is deprecated" in caplog.text
+    assert cache_dir("views") == tmp_path / "root" / "views"

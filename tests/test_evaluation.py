@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lumosrec.evaluation import RankCounts, evaluate, history_mask, leave_one_out, target_ranks
+from lumosrec.core.evaluation import RankCounts, evaluate, history_mask, leave_one_out, target_ranks
 
 
 def test_leave_one_out() -> None:

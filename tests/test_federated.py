@@ -19,13 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import app as client_app
-from lumosrec.evaluation import PROTOCOLS, STAGES, evaluate, leave_one_out
-from lumosrec.federated import build_model, default_run_config, load_data
-from lumosrec.simulate import simulate, stop_federation
-from lumosrec.synthetic import SyntheticConfig, generate, write_folder
-from server.server_app import metrics_from_histograms
-from server.strategies import sum_metric_records
+from lumosrec.client.client_app import app as client_app
+from lumosrec.client.objectives import OBJECTIVES
+from lumosrec.core.data import load_data
+from lumosrec.core.evaluation import PROTOCOLS, STAGES, evaluate, leave_one_out
+from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.launch.app import default_run_config
+from lumosrec.launch.simulate import simulate, stop_federation
+from lumosrec.server.server_app import metrics_from_histograms
+from lumosrec.server.strategies import sum_metric_records
 
 SMALL = dict(num_users=60, items_per_category=10, seed=5)
 
@@ -48,8 +50,11 @@ def task_identity() -> None:
 
 def _call(kind: str, arrays: ArrayRecord, run_config: dict, partition: int, partitions: int) -> Message:
     context = Context(
-        run_id=1, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": partitions},
-        state=RecordDict(), run_config=run_config,
+        run_id=1,
+        node_id=100 + partition,
+        node_config={"partition-id": partition, "num-partitions": partitions},
+        state=RecordDict(),
+        run_config=run_config,
     )
     message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
@@ -59,7 +64,7 @@ def _call(kind: str, arrays: ArrayRecord, run_config: dict, partition: int, part
 
 def test_only_arrays_and_scalar_metrics_leave_a_client(run_config: dict) -> None:
     dataset = load_data(run_config["data"])
-    model = build_model(run_config, dataset.num_items)
+    model = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items)
     partitions = dataset.num_users  # one user per client
     user = 7
     history = dataset.sequences[user]
@@ -88,7 +93,7 @@ def test_only_arrays_and_scalar_metrics_leave_a_client(run_config: dict) -> None
 def test_client_evaluation_sums_to_the_centralized_evaluation_exactly(run_config: dict) -> None:
     dataset = load_data(run_config["data"])
     torch.manual_seed(3)
-    model = build_model(run_config, dataset.num_items)
+    model = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items)
     arrays = ArrayRecord(model.state_dict())
     partitions = 7  # uneven groups of users
     replies = [_call("evaluate", arrays, run_config, p, partitions).content for p in range(partitions)]
@@ -101,28 +106,44 @@ def test_client_evaluation_sums_to_the_centralized_evaluation_exactly(run_config
 def test_fedprox_term_keeps_the_update_closer(run_config: dict) -> None:
     dataset = load_data(run_config["data"])
     torch.manual_seed(0)
-    model = build_model(run_config, dataset.num_items)
+    model = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items)
     start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     drift = {}
     for mu in (0.0, 10.0):
         config = {**run_config, "local-epochs": 3, "learning-rate": 0.01}
         message = Message(
             RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"proximal-mu": mu})}),
-            dst_node_id=1, message_type=MessageType.TRAIN,
+            dst_node_id=1,
+            message_type=MessageType.TRAIN,
         )
         context = Context(1, 1, {"partition-id": 0, "num-partitions": 3}, RecordDict(), config)
         trained = client_app(message, context).content["arrays"].to_torch_state_dict()
-        model_after = build_model(run_config, dataset.num_items)
+        model_after = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items)
         model_after.load_state_dict(trained)
         drift[mu] = (torch.nn.utils.parameters_to_vector(model_after.parameters()) - start).norm().item()
     assert drift[10.0] < drift[0.0]
 
 
+@pytest.mark.slow
 def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "lumosrec.cli", "simulate", "--data", str(data_dir), "--out", str(out),
-            "--rounds", "3", "--fraction-train", "0.2", "--quiet",
-            "--run-config", "hidden-size=16 inner-size=32"]
+    args = [
+        sys.executable,
+        "-m",
+        "lumosrec.launch.cli",
+        "simulate",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--rounds",
+        "3",
+        "--fraction-train",
+        "0.2",
+        "--quiet",
+        "--run-config",
+        "hidden-size=16 inner-size=32",
+    ]
     # the run's private FLWR_HOME lands in TMPDIR; short, because Ray puts its sockets there too
     short_tmp = Path(tempfile.mkdtemp(prefix="lt", dir="/tmp"))
     env = {**os.environ, "TMPDIR": str(short_tmp)}
@@ -147,31 +168,54 @@ def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path:
     assert [row["round"] for row in history] == [1, 2, 3]
     assert history[:completed] == before[:completed]  # finished rounds were not redone
     result = json.loads((out / "result.json").read_text())
-    assert result["strategy"] == "fedavg-sasrec" and result["epochs"] == 3 and result["failures"] == 0
+    assert result["method"] == "fedavg-sasrec" and result["epochs"] == 3 and result["failures"] == 0
 
     # the federated metrics are the centralized evaluation of the saved global model
     saved = torch.load(out / "model.pt")
     dataset = load_data(str(data_dir))
-    model = build_model({"hidden-size": 16, "inner-size": 32}, dataset.num_items)
+    model = OBJECTIVES["sasrec"].build_model({"hidden-size": 16, "inner-size": 32}, dataset.num_items)
     model.load_state_dict(saved["state_dict"])
     split = leave_one_out(dataset.sequences, dataset.num_items)
     assert result["test"] == evaluate(model, split, "test", 50)
     shutil.rmtree(short_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_simulation_attaches_to_a_running_ray_cluster(data_dir: Path, tmp_path: Path) -> None:
     ray = Path(sys.executable).with_name("ray")
     port = str(6380 + os.getpid() % 500)
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    started = subprocess.run([str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
-                              "--num-cpus", "2", "--include-dashboard=false"], env=env, capture_output=True, text=True)
+    started = subprocess.run(
+        [
+            str(ray),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--num-cpus",
+            "2",
+            "--include-dashboard=false",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         result = simulate(
-            {"data": str(data_dir), "out-dir": str(tmp_path / "run"), "num-server-rounds": 1,
-             "hidden-size": 16, "inner-size": 32},
-            ray_address=f"127.0.0.1:{port}", progress=False, timeout=300,
+            {
+                "data": str(data_dir),
+                "out-dir": str(tmp_path / "run"),
+                "num-server-rounds": 1,
+                "hidden-size": 16,
+                "inner-size": 32,
+            },
+            ray_address=f"127.0.0.1:{port}",
+            progress=False,
+            timeout=300,
         )
         assert result["epochs"] == 1 and result["failures"] == 0
         assert 0.0 < result["test"]["unmasked"]["HR@20"] <= 1.0
@@ -185,8 +229,8 @@ def test_simulation_attaches_to_a_running_ray_cluster(data_dir: Path, tmp_path: 
 def test_every_strategy_is_flowers_own_and_dp_wraps_it() -> None:
     from flwr.serverapp import strategy as flower
 
-    from lumosrec.errors import ConfigError
-    from server.strategies import STRATEGIES, build_strategy, strategy_is_linear
+    from lumosrec.core.errors import ConfigError
+    from lumosrec.server.strategies import STRATEGIES, build_strategy, strategy_is_linear
 
     config = default_run_config()
     for name in STRATEGIES:
@@ -195,7 +239,9 @@ def test_every_strategy_is_flowers_own_and_dp_wraps_it() -> None:
     assert isinstance(build_strategy({**config, "strategy": "fedadam"}, 10), flower.FedAdam)
     wrapped = build_strategy({**config, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.5}, 10)
     assert isinstance(wrapped, flower.DifferentialPrivacyServerSideFixedClipping)
-    assert not strategy_is_linear(wrapped) and not strategy_is_linear(build_strategy({**config, "strategy": "krum"}, 10))
+    assert not strategy_is_linear(wrapped) and not strategy_is_linear(
+        build_strategy({**config, "strategy": "krum"}, 10)
+    )
     with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'"):
         build_strategy({**config, "strategy": "fedsgd"}, 10)
 
@@ -203,7 +249,7 @@ def test_every_strategy_is_flowers_own_and_dp_wraps_it() -> None:
 def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     from flwr.serverapp.strategy import FedAdam
 
-    from server import checkpoint
+    from lumosrec.server import checkpoint
 
     strategy = FedAdam()
     strategy.m_t = {"w": np.ones(3)}
@@ -220,7 +266,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("num_users,partitions", [(60, 7), (10, 10), (22363, 22363), (5, 3)])
 def test_partitions_are_numpy_array_split_groups(num_users: int, partitions: int) -> None:
-    from lumosrec.federated import partition_users
+    from lumosrec.core.data import partition_users
 
     expected = np.array_split(np.arange(num_users), partitions)
     for partition in {0, 1, partitions // 2, partitions - 1}:
@@ -228,39 +274,62 @@ def test_partitions_are_numpy_array_split_groups(num_users: int, partitions: int
 
 
 def test_run_config_text_reads_like_flwr_run_and_round_trips() -> None:
-    from lumosrec.errors import ConfigError
-    from lumosrec.federated import format_run_config, parse_run_config
+    from lumosrec.core.errors import ConfigError
+    from lumosrec.core.runconfig import format_run_config, parse_run_config
 
     assert parse_run_config('strategy="fedadam" server-learning-rate=0.03 resume=false out-dir="runs/a b"') == {
-        "strategy": "fedadam", "server-learning-rate": 0.03, "resume": False, "out-dir": "runs/a b"}
+        "strategy": "fedadam",
+        "server-learning-rate": 0.03,
+        "resume": False,
+        "out-dir": "runs/a b",
+    }
     values = {"data": "/data/x y", "seed": 7, "dropout": 0.25, "resume": True, "note": 'say "hi"'}
     assert parse_run_config(format_run_config(values)) == values
     for bad in ['strategy="fedadam', "strategy=fedadam", "seed", "seed=1 rounds"]:
         with pytest.raises(ConfigError, match="run config: cannot read"):
             parse_run_config(bad)
-    from lumosrec.federated import check_run_config
+    from lumosrec.launch.app import check_run_config
 
-    for bad, message in [({"client-optimizer": "lion"}, "choose one of adam, sgd"),
-                         ({"strategy": "fedsgd"}, "unknown strategy"), ({"rounds": 3}, "unknown run-config key")]:
+    for bad, message in [
+        ({"client-optimizer": "lion"}, "choose one of adam, sgd"),
+        ({"strategy": "fedsgd"}, "unknown strategy"),
+        ({"rounds": 3}, "unknown run-config key"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             check_run_config(bad, default_run_config())
 
 
 def test_in_process_federation_keeps_node_state_and_counts_failures(data_dir: Path, tmp_path: Path) -> None:
-    from lumosrec.inprocess import InProcessGrid, run_in_process
+    from lumosrec.launch.inprocess import InProcessGrid, run_in_process
 
-    result = run_in_process({"data": str(data_dir), "out-dir": str(tmp_path), "num-server-rounds": 2,
-                             "fraction-train": 1.0, "eval-every": 1, "hidden-size": 16, "inner-size": 32,
-                             "users-per-client": 20, "resume": False})
+    result = run_in_process(
+        {
+            "data": str(data_dir),
+            "out-dir": str(tmp_path),
+            "num-server-rounds": 2,
+            "fraction-train": 1.0,
+            "eval-every": 1,
+            "hidden-size": 16,
+            "inner-size": 32,
+            "users-per-client": 20,
+            "resume": False,
+        }
+    )
     assert result["epochs"] == 2 and result["test"]["unmasked"]["HR@20"] > 0
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert [row["train_nodes"] for row in history] == [3, 3] and history[-1]["eval_users"] == SMALL["num_users"]
 
     grid = InProcessGrid(client_app, {**default_run_config(), "data": str(data_dir)}, num_nodes=2)
-    model = build_model(default_run_config(), load_data(str(data_dir)).num_items)
+    model = OBJECTIVES["sasrec"].build_model(default_run_config(), load_data(str(data_dir)).num_items)
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
     broken = RecordDict({"config": ConfigRecord({"server-round": 1})})  # no arrays: the client raises
-    replies = list(grid.send_and_receive([Message(content, dst_node_id=1, message_type=MessageType.TRAIN),
-                                          Message(broken, dst_node_id=2, message_type=MessageType.TRAIN)]))
+    replies = list(
+        grid.send_and_receive(
+            [
+                Message(content, dst_node_id=1, message_type=MessageType.TRAIN),
+                Message(broken, dst_node_id=2, message_type=MessageType.TRAIN),
+            ]
+        )
+    )
     assert [reply.has_error() for reply in replies] == [False, True]
     assert grid._contexts[1].state.config_records["lumos-client"]["rounds-trained"] == 1

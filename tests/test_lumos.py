@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from augment import client_views as client_views_module
-from augment.client_views import ViewSettings, client_views, prefill_views
-from client.client_app import PRIVATE_KEY, _restore_private
-from client.client_app import app as client_app
-from lumosrec.federated import build_client_model, build_model, default_run_config, node_data, run_data
-from lumosrec.simulate import simulate
-from lumosrec.synthetic import SyntheticConfig, generate, write_folder
-from models.lumos import LUMOS, LUMOSConfig, UserViews
-from models.sasrec import SASRec, SASRecConfig
+from lumosrec.augment import client_views as client_views_module
+from lumosrec.augment.client_views import ViewSettings, client_views
+from lumosrec.client.client_app import app as client_app
+from lumosrec.client.objectives import OBJECTIVES, objective_for
+from lumosrec.client.objectives.lumos import PRIVATE_KEY, restore_private
+from lumosrec.core.data import node_data, run_data
+from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.launch.app import default_run_config
+from lumosrec.launch.simulate import simulate
+from lumosrec.models.lumos import LUMOS, LUMOSConfig, UserViews
+from lumosrec.models.sasrec import SASRec, SASRecConfig
 
 SMALL = dict(num_users=60, items_per_category=10, seed=5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +40,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run_config(data_dir: Path, tmp_path: Path) -> dict:
-    return {**default_run_config(), "data": str(data_dir), "hidden-size": 16, "inner-size": 32,
-            "objective": "lumos", "views": "retrieval", "views-dir": str(tmp_path / "views")}
+    return {
+        **default_run_config(),
+        "data": str(data_dir),
+        "hidden-size": 16,
+        "inner-size": 32,
+        "objective": "lumos",
+        "views": "retrieval",
+        "views-dir": str(tmp_path / "views"),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -48,21 +58,28 @@ def task_identity() -> None:
 
 def _model(**overrides) -> LUMOS:
     torch.manual_seed(0)
-    model = LUMOS(LUMOSConfig(num_items=30, max_len=6, hidden_size=16, inner_size=32, **overrides))
-    model.set_views(UserViews([
+    return LUMOS(LUMOSConfig(num_items=30, max_len=6, hidden_size=16, inner_size=32, **overrides)).eval()
+
+
+VIEWS = UserViews(
+    [
         {"future": [21, 22], "paraphrase": [23, 24, 25], "counterfactual": [26, 27, 28]},
         {"future": [29], "paraphrase": [], "counterfactual": [30]},
-    ]))
-    return model.eval()
+    ]
+)
 
 
-BATCH = (torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]), torch.tensor([5, 2]), torch.tensor([6, 8]),
-         torch.tensor([0, 1]))
+BATCH = (
+    torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]),
+    torch.tensor([5, 2]),
+    torch.tensor([6, 8]),
+    torch.tensor([0, 1]),
+)
 
 
 def test_view_sequences_extend_or_rewrite_the_prefix() -> None:
     items, lengths, _, users = BATCH
-    sequences = _model().view_sequences(items, lengths, users)
+    sequences = _model().view_sequences(items, lengths, users, VIEWS)
 
     def rows(name):
         seq, n, has = sequences[name]
@@ -77,12 +94,14 @@ def test_view_sequences_extend_or_rewrite_the_prefix() -> None:
 
 def test_only_the_backbone_is_shared_and_the_views_train_it() -> None:
     model = _model()
-    assert set(model.shared_state_dict()) == set(SASRec(SASRecConfig(num_items=30, max_len=6, hidden_size=16,
-                                                                       inner_size=32)).state_dict())
+    assert set(model.shared_state_dict()) == set(
+        SASRec(SASRecConfig(num_items=30, max_len=6, hidden_size=16, inner_size=32)).state_dict()
+    )
     assert set(model.private_state_dict()) and all("projection" not in k for k in model.shared_state_dict())
     items, lengths, targets, users = BATCH
     plain = SASRec.loss(model, items, lengths, targets)
-    total = model.loss(items, lengths, targets, users)
+    assert model.loss(items, lengths, targets, users) == plain  # no views: SASRec's loss
+    total = model.loss(items, lengths, targets, users, views=VIEWS)
     assert total > plain
     total.backward()
     view_only_items = [21, 22, 26, 29]  # in no input sequence and no target
@@ -93,12 +112,12 @@ def test_only_the_backbone_is_shared_and_the_views_train_it() -> None:
 def test_counterfactual_is_a_hard_negative_and_zero_weights_give_sasrec() -> None:
     items, lengths, targets, users = BATCH
     with torch.no_grad():
-        with_negative = _model().loss(items, lengths, targets, users)
-        without_negative = _model(use_counterfactual=False).loss(items, lengths, targets, users)
+        with_negative = _model().loss(items, lengths, targets, users, views=VIEWS)
+        without_negative = _model(use_counterfactual=False).loss(items, lengths, targets, users, views=VIEWS)
         # one more term in every softmax denominator can only raise InfoNCE
         assert with_negative > without_negative
         off = _model(lambda_future=0.0, lambda_paraphrase=0.0)
-        assert off.loss(items, lengths, targets, users) == SASRec.loss(off, items, lengths, targets)
+        assert off.loss(items, lengths, targets, users, views=VIEWS) == SASRec.loss(off, items, lengths, targets)
 
 
 def _train(run_config: dict, context: Context, arrays: ArrayRecord) -> Message:
@@ -110,9 +129,14 @@ def _train(run_config: dict, context: Context, arrays: ArrayRecord) -> Message:
 def test_views_and_head_stay_on_the_lumos_client(run_config: dict) -> None:
     dataset = run_data(run_config)
     user, partitions = 7, dataset.num_users
-    context = Context(run_id=1, node_id=107, node_config={"partition-id": user, "num-partitions": partitions},
-                      state=RecordDict(), run_config=run_config)
-    global_model = build_model(run_config, dataset.num_items)
+    context = Context(
+        run_id=1,
+        node_id=107,
+        node_config={"partition-id": user, "num-partitions": partitions},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+    global_model = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items)
     reply = _train(run_config, context, ArrayRecord(global_model.state_dict()))
     assert not reply.has_error(), reply.error
     sent = reply.content["arrays"].to_torch_state_dict()
@@ -129,54 +153,102 @@ def test_views_and_head_stay_on_the_lumos_client(run_config: dict) -> None:
 
 
 def test_a_node_gets_its_own_head_back_and_a_new_node_a_fresh_one(run_config: dict) -> None:
-    model = build_client_model(run_config, 50)
+    model = objective_for(run_config).build_model(run_config, 50)
     kept = {k: torch.full_like(v, 0.5) for k, v in model.private_state_dict().items()}
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
     context.state.array_records[PRIVATE_KEY] = ArrayRecord(kept)
-    _restore_private(model, context)
+    restore_private(model, context)
     assert all(torch.equal(model.private_state_dict()[k], kept[k]) for k in kept)
-    _restore_private(model, Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config=run_config))
+    restore_private(model, Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config=run_config))
     assert not torch.equal(model.projection[0].weight, kept["0.weight"])
 
 
 def test_views_without_item_text_follow_the_received_model(run_config: dict) -> None:
     dataset = run_data(run_config)
-    blank = type(dataset)(dataset.name + "-ids", dataset.sequences, dataset.user_ids, dataset.item_ids,
-                          [""] * len(dataset.titles), [()] * len(dataset.titles))
+    blank = type(dataset)(
+        dataset.name + "-ids",
+        dataset.sequences,
+        dataset.user_ids,
+        dataset.item_ids,
+        [""] * len(dataset.titles),
+        [()] * len(dataset.titles),
+    )
     histories = [s[:-2] for s in blank.sequences[:3]]
     settings = ViewSettings.from_config(run_config, {})
     with pytest.raises(ValueError, match="item embeddings"):
         client_views(blank, [0, 1, 2], histories, settings)
-    first = client_views(blank, [0, 1, 2], histories, settings, np.random.default_rng(0).normal(size=(blank.num_items + 1, 8)))
-    second = client_views(blank, [0, 1, 2], histories, settings, np.random.default_rng(1).normal(size=(blank.num_items + 1, 8)))
+    first = client_views(
+        blank, [0, 1, 2], histories, settings, np.random.default_rng(0).normal(size=(blank.num_items + 1, 8))
+    )
+    second = client_views(
+        blank, [0, 1, 2], histories, settings, np.random.default_rng(1).normal(size=(blank.num_items + 1, 8))
+    )
     assert all(len(v["future"]) == settings.items_per_view for v in first)
     assert first != second
 
 
+@pytest.mark.slow
 def test_llm_views_are_made_once_before_the_federation(run_config: dict, tiny_model_dir: Path) -> None:
-    run_config = {**run_config, "views": "llm", "views-model": str(tiny_model_dir), "views-backend": "transformers",
-                  "sample-users": 12}
-    report = prefill_views(run_config, progress=False)
+    run_config = {
+        **run_config,
+        "views": "llm",
+        "views-model": str(tiny_model_dir),
+        "views-backend": "transformers",
+        "sample-users": 12,
+    }
+    report = OBJECTIVES["lumos"].prepare_ahead(run_config, progress=False)
     assert report["stats"]["made"] == 12
     data = node_data(run_config, {"partition-id": 0, "num-partitions": 1})
     settings = ViewSettings.from_config(run_config, {})
     views = client_views(data.dataset, data.users.tolist(), data.split.train, settings)
     assert len(views) == 12 and all(set(v) == {"future", "paraphrase", "counterfactual"} for v in views)
     # every user's views came from the cache: the client never loaded the LLM
-    loaded = [maker.generator._generator for dataset, maker in client_views_module._MAKERS.values()
-              if maker.generator is not None]
+    loaded = [
+        maker.generator._generator
+        for dataset, maker in client_views_module._MAKERS.values()
+        if maker.generator is not None
+    ]
     assert loaded and all(generator is None for generator in loaded)
-    assert prefill_views(run_config, progress=False)["stats"]["from_cache"] == 12
+    assert OBJECTIVES["lumos"].prepare_ahead(run_config, progress=False)["stats"]["from_cache"] == 12
 
 
+@pytest.mark.slow
 def test_every_method_runs_through_one_runner_into_one_report(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "table"
-    command = [sys.executable, str(ROOT / "experiments" / "table_main.py"), "--data-root", str(data_dir.parent),
-               "--out", str(out), "--datasets", data_dir.name, "--methods", "centralized-sasrec", "local-sasrec",
-               "fedavg-sasrec", "fed-cl4srec", "lumos", "--seeds", "1", "2", "--ablation-datasets", data_dir.name,
-               "--ablation-seeds", "1", "--rounds", "2", "--fraction-train", "0.5", "--local-epochs", "1",
-               "--views-root", str(tmp_path / "views"), "--quiet",
-               "--run-config", 'users-per-client=6 hidden-size=16 inner-size=32 views="retrieval" eval-every=1']
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "table_main.py"),
+        "--data-root",
+        str(data_dir.parent),
+        "--out",
+        str(out),
+        "--datasets",
+        data_dir.name,
+        "--methods",
+        "centralized-sasrec",
+        "local-sasrec",
+        "fedavg-sasrec",
+        "fed-cl4srec",
+        "lumos",
+        "--seeds",
+        "1",
+        "2",
+        "--ablation-datasets",
+        data_dir.name,
+        "--ablation-seeds",
+        "1",
+        "--rounds",
+        "2",
+        "--fraction-train",
+        "0.5",
+        "--local-epochs",
+        "1",
+        "--views-root",
+        str(tmp_path / "views"),
+        "--quiet",
+        "--run-config",
+        'users-per-client=6 hidden-size=16 inner-size=32 views="retrieval" eval-every=1',
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "table_main.json").read_text())
@@ -186,25 +258,53 @@ def test_every_method_runs_through_one_runner_into_one_report(data_dir: Path, tm
     assert rows["lumos"]["views"] == "retrieval:text"
     assert set(summary["gains"][data_dir.name]) == set(rows) - {"lumos"}
     assert len(summary["ablation"][data_dir.name]) == 5
-    assert summary["round_times"][data_dir.name]["ratio"] > 0
+    times = summary["round_times"][data_dir.name]
+    lumos_rounds = [
+        row["train_seconds"]
+        for seed in (1, 2)
+        for row in json.loads((out / data_dir.name / "lumos" / f"seed{seed}" / "metrics.json").read_text())
+    ]
+    assert times["lumos"] == pytest.approx(statistics.median(lumos_rounds))
+    assert times["ratio"] == pytest.approx(times["lumos"] / times["fedavg-sasrec"])
     assert (out / f"curve_{data_dir.name}.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| lumos w/o counterfactual |" in report and f"curve_{data_dir.name}.png" in report
     lumos_result = out / data_dir.name / "lumos" / "seed1" / "result.json"
     written = lumos_result.stat().st_mtime_ns
-    again = subprocess.run([*command[:command.index("--seeds")], "--seeds", "1", "--ablation-datasets", "--quiet"],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    again = subprocess.run(
+        [*command[: command.index("--seeds")], "--seeds", "1", "--ablation-datasets", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert lumos_result.stat().st_mtime_ns == written  # finished runs are reused, not rerun
 
 
+@pytest.mark.slow
 def test_lumos_runs_on_flowers_simulation(data_dir: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    result = simulate({"data": str(data_dir), "out-dir": str(tmp_path / "run"), "num-server-rounds": 2,
-                       "users-per-client": 10, "fraction-train": 0.5, "hidden-size": 16, "inner-size": 32,
-                       "objective": "lumos", "views": "llm", "views-model": str(tiny_model_dir),
-                       "views-backend": "transformers", "views-dir": str(tmp_path / "views"), "eval-every": 1},
-                      client_cpus=1, timeout=600, progress=False)
-    assert result["strategy"] == "lumos" and result["failures"] == 0
+    result = simulate(
+        {
+            "data": str(data_dir),
+            "out-dir": str(tmp_path / "run"),
+            "num-server-rounds": 2,
+            "users-per-client": 10,
+            "fraction-train": 0.5,
+            "hidden-size": 16,
+            "inner-size": 32,
+            "objective": "lumos",
+            "views": "llm",
+            "views-model": str(tiny_model_dir),
+            "views-backend": "transformers",
+            "views-dir": str(tmp_path / "views"),
+            "eval-every": 1,
+        },
+        client_cpus=1,
+        timeout=600,
+        progress=False,
+    )
+    assert result["method"] == "lumos" and result["failures"] == 0
     assert result["test"]["unmasked"]["HR@20"] > 0
     assert json.loads((tmp_path / "views" / "report.json").read_text())["stats"]["users"] == SMALL["num_users"]

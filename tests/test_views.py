@@ -16,20 +16,23 @@ import numpy as np
 import pytest
 import torch
 
-from augment.cache import ViewCache
-from augment.generate import CACHE_FILE, generate_views, inspect_views, select_users
-from augment.grounding import ItemSpace, TextEncoder, ground
-from augment.hf import TransformersGenerator
-from augment.prompts import VIEWS, parse_titles
-from augment.runtime import SHIPPED_MODELS, RuntimeConfig, ShippedModel, resolve_model
-from augment.views import ViewConfig
-from lumosrec.dataset import load_dataset
-from lumosrec.errors import ConfigError
-from lumosrec.evaluation import leave_one_out
-from lumosrec.federated import build_model, default_run_config
-from lumosrec.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.augment.cache import CACHE_FILE, ViewCache
+from lumosrec.augment.generate import generate_views, inspect_views, select_users
+from lumosrec.augment.grounding import ItemSpace, TextEncoder, ground
+from lumosrec.augment.hf import TransformersGenerator
+from lumosrec.augment.prompts import VIEWS, parse_titles
+from lumosrec.augment.runtime import SHIPPED_MODELS, RuntimeConfig, ShippedModel, resolve_model
+from lumosrec.augment.views import ViewConfig
+from lumosrec.client.objectives import OBJECTIVES
+from lumosrec.core.dataset import load_dataset
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.evaluation import leave_one_out
+from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.launch.app import default_run_config
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> TransformersGenerator:
     return TransformersGenerator.load(resolve_model(str(tiny_model_dir)), device="cpu", batch_size=8)
@@ -67,10 +70,18 @@ FAST = dict(max_new_tokens=24, history_len=6)
 
 
 def test_parse_titles_strips_list_markup() -> None:
-    text = ("Here are five:\n1. Toy Story (1995) [Comedy]\n- \"Heat (1995)\"\n"
-            "Cushion Deluxe [Yoga], Blush Duo [Makeup]; Tripod [Photo]\n\n*  OPI Nail Lacquer, Simmer, 0.5 Ounce\nx")
-    assert parse_titles(text) == ["Toy Story (1995)", "Heat (1995)", "Cushion Deluxe", "Blush Duo", "Tripod",
-                                  "OPI Nail Lacquer, Simmer, 0.5 Ounce"]
+    text = (
+        'Here are five:\n1. Toy Story (1995) [Comedy]\n- "Heat (1995)"\n'
+        "Cushion Deluxe [Yoga], Blush Duo [Makeup]; Tripod [Photo]\n\n*  OPI Nail Lacquer, Simmer, 0.5 Ounce\nx"
+    )
+    assert parse_titles(text) == [
+        "Toy Story (1995)",
+        "Heat (1995)",
+        "Cushion Deluxe",
+        "Blush Duo",
+        "Tripod",
+        "OPI Nail Lacquer, Simmer, 0.5 Ounce",
+    ]
 
 
 def test_grounding_keeps_close_titles_and_drops_hallucinations(dataset, encoder: TextEncoder) -> None:
@@ -82,15 +93,19 @@ def test_grounding_keeps_close_titles_and_drops_hallucinations(dataset, encoder:
     assert grounded[0][1] == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_prompts_hold_only_the_training_history(dataset, tiny: TransformersGenerator, tmp_path: Path) -> None:
     # every user's validation and test items become new catalog items with titles found nowhere else
     first = dataset.num_items + 1
     sequences = [np.append(s, [first + 2 * u, first + 2 * u + 1]) for u, s in enumerate(dataset.sequences)]
     held_out = [f"HELDOUT-{kind}-{u}" for u in range(dataset.num_users) for kind in ("valid", "test")]
     marked = dataclasses.replace(
-        dataset, sequences=sequences, titles=list(dataset.titles) + held_out,
+        dataset,
+        sequences=sequences,
+        titles=list(dataset.titles) + held_out,
         categories=list(dataset.categories) + [()] * len(held_out),
-        item_ids=list(dataset.item_ids) + held_out)
+        item_ids=list(dataset.item_ids) + held_out,
+    )
     assert leave_one_out(marked.sequences, marked.num_items).test[0] == first + 1
     recording = Recording(tiny)
     generate_views(marked, tmp_path, ViewConfig(**FAST), generator=recording, progress=False)
@@ -100,12 +115,14 @@ def test_prompts_hold_only_the_training_history(dataset, tiny: TransformersGener
     assert all(dataset.titles[int(s[-1])] in text for s in dataset.sequences)  # the latest training item is there
 
 
-def test_every_view_is_accounted_for_and_the_cache_is_reused(dataset, tiny: TransformersGenerator,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_every_view_is_accounted_for_and_the_cache_is_reused(
+    dataset, tiny: TransformersGenerator, tmp_path: Path
+) -> None:
     recording = Recording(tiny)
     config = ViewConfig(**FAST)
     report = generate_views(dataset, tmp_path, config, generator=recording, progress=False)
-    for view, counters in report["stats"]["views"].items():
+    for _view, counters in report["stats"]["views"].items():
         assert counters["asked_llm"] == dataset.num_users
         assert counters["llm"] + counters["padded"] + counters["fallback"] == dataset.num_users
         assert counters["items"] == config.items_per_view * dataset.num_users
@@ -122,6 +139,7 @@ def test_every_view_is_accounted_for_and_the_cache_is_reused(dataset, tiny: Tran
     assert len(recording.prompts) == calls + len(VIEWS)
 
 
+@pytest.mark.slow
 def test_views_are_catalog_items_and_the_counterfactual_is_unlike_the_user(dataset, tiny, tmp_path: Path) -> None:
     config = ViewConfig(**FAST)
     generate_views(dataset, tmp_path, config, generator=tiny, progress=False)
@@ -133,7 +151,7 @@ def test_views_are_catalog_items_and_the_counterfactual_is_unlike_the_user(datas
         views = cache.latest(user)
         assert set(views) == set(VIEWS)
         centre, own = space.profile(train.tolist())
-        for view, record in views.items():
+        for _view, record in views.items():
             assert len(record.items) == len(set(record.items)) == config.items_per_view
             assert all(1 <= item <= dataset.num_items for item in record.items)
             assert not set(record.items) & set(train.tolist())
@@ -153,10 +171,11 @@ def test_retrieval_views_without_text_use_the_models_item_embeddings(dataset, tm
     untitled = dataclasses.replace(dataset, titles=[""] * len(dataset.titles))
     with pytest.raises(ConfigError, match="no item titles"):
         generate_views(untitled, tmp_path, ViewConfig(mode="retrieval"), progress=False)
-    model = build_model(default_run_config(), dataset.num_items)
+    model = OBJECTIVES["sasrec"].build_model(default_run_config(), dataset.num_items)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "model.pt")
-    report = generate_views(untitled, tmp_path, ViewConfig(mode="retrieval"), item_embeddings=tmp_path / "model.pt",
-                            progress=False)
+    report = generate_views(
+        untitled, tmp_path, ViewConfig(mode="retrieval"), item_embeddings=tmp_path / "model.pt", progress=False
+    )
     assert report["item_space"] == "model-item-embeddings" and report["generation"] is None
     assert all(v["items"] == 5 * dataset.num_users for v in report["stats"]["views"].values())
 
@@ -179,12 +198,30 @@ def _cached_users(path: Path) -> int:
         return db.execute("SELECT COUNT(DISTINCT user) FROM views").fetchone()[0]
 
 
+@pytest.mark.slow
 def test_a_killed_generation_resumes_without_redoing_users(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_folder(generate(SyntheticConfig(num_users=60, items_per_category=10, seed=4)), tmp_path / "data")
     out = tmp_path / "views"
-    command = [sys.executable, "-m", "lumosrec.cli", "views", "generate", "--data", str(data), "--out", str(out),
-               "--model", str(tiny_model_dir), "--backend", "transformers", "--max-new-tokens", "24",
-               "--batch", "4", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "lumosrec.launch.cli",
+        "views",
+        "generate",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        "transformers",
+        "--max-new-tokens",
+        "24",
+        "--batch",
+        "4",
+        "--quiet",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while _cached_users(out / CACHE_FILE) < 8 and time.monotonic() < deadline and process.poll() is None:
@@ -199,12 +236,19 @@ def test_a_killed_generation_resumes_without_redoing_users(tiny_model_dir: Path,
     assert report["stats"]["from_cache"] == done and report["stats"]["made"] == 60 - done
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ML100K.is_dir(), reason="needs ../shared/data/ml-100k")
 def test_real_gguf_generation_on_movielens_users(tmp_path: Path) -> None:
     dataset = load_dataset(ML100K)
     users = select_users(dataset, sample=3, seed=1)
-    report = generate_views(dataset, tmp_path, ViewConfig(max_new_tokens=48), RuntimeConfig(backend="llamacpp", batch_size=3),
-                            users=users, progress=False)
+    report = generate_views(
+        dataset,
+        tmp_path,
+        ViewConfig(max_new_tokens=48),
+        RuntimeConfig(backend="llamacpp", batch_size=3),
+        users=users,
+        progress=False,
+    )
     assert report["model"]["backend"] == "llamacpp" and report["model"]["model"] == "smollm2-135m"
     assert report["generation"]["completion_tokens"] > 0
     views = report["stats"]["views"]
@@ -226,13 +270,21 @@ def test_bad_view_settings_are_one_line_errors() -> None:
 
 
 def test_one_generator_per_machine(tmp_path: Path) -> None:
-    from augment.runtime import MachineLock
+    from lumosrec.augment.runtime import MachineLock
 
     path = tmp_path / "llm.lock"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, %r); from pathlib import Path; from augment.runtime import MachineLock; "
-        "lock = MachineLock(Path(%r)).acquire(); print('held', flush=True); time.sleep(3); lock.release()")
-        % (str(Path(__file__).resolve().parents[1]), str(path))], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time; from pathlib import Path; from lumosrec.augment.runtime import MachineLock; "
+                f"lock = MachineLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep(3); lock.release()"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     started = time.monotonic()
     lock = MachineLock(path).acquire()  # waits for the other process

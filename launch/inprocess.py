@@ -23,7 +23,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from lumosrec.federated import check_run_config, default_num_nodes, default_run_config
+from lumosrec.client.client_app import app as client_app
+from lumosrec.launch.app import check_run_config, default_num_nodes, default_run_config
+from lumosrec.server.server_app import run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,9 @@ class InProcessGrid(Grid):
     def set_run(self, run: Run) -> None:
         self._run = run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -91,11 +94,8 @@ def run_in_process(overrides: Mapping[str, object]) -> dict:
     """Run the federated app in this process and return its ``result.json``.
 
     ``overrides`` replace values of ``[tool.flwr.app.config]`` as in
-    :func:`lumosrec.simulate.simulate`; one node per ``users-per-client`` users.
+    :func:`lumosrec.launch.simulate.simulate`; one node per ``users-per-client`` users.
     """
-    from client.client_app import app as client_app
-    from server.server_app import run_rounds
-
     run_config = check_run_config(overrides, default_run_config())
     run_config["out-dir"] = str(Path(str(run_config["out-dir"])).resolve())
     grid = InProcessGrid(client_app, run_config, default_num_nodes(run_config))

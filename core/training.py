@@ -1,7 +1,7 @@
 """The one training loop: Adam, early stopping on validation MRR@10, best checkpoint kept.
 
-Every strategy trains through :func:`fit`; models differ only in their ``loss`` method
-(next-item cross-entropy for SASRec, plus contrastive terms for CL4SRec and later LUMOS).
+Every centralized method trains through :func:`fit`; models differ only in their ``loss``
+method (next-item cross-entropy for SASRec, plus contrastive terms for CL4SRec, LUMOS, SRA-CL).
 Federated clients reuse :func:`train_epochs` for their local steps.
 """
 
@@ -12,15 +12,15 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lumosrec.batching import PrefixSamples
-from lumosrec.evaluation import LeaveOneOut, evaluate
+from lumosrec.core.batching import PrefixSamples
+from lumosrec.core.evaluation import LeaveOneOut, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +83,22 @@ def train_epochs(
     description: str = "train",
     regularizer: Callable[[], torch.Tensor] | None = None,
     max_grad_norm: float = 0.0,
+    loss_inputs: Mapping[str, object] | None = None,
 ) -> tuple[float, int]:
     """Run ``epochs`` passes over ``samples``; return (mean loss, number of samples seen).
 
     ``regularizer`` adds a term to every batch's loss (FedProx's proximal term);
-    ``max_grad_norm > 0`` clips each step's gradient norm.
+    ``max_grad_norm > 0`` clips each step's gradient norm; ``loss_inputs`` are passed to every
+    ``model.loss`` call by keyword (a client's per-node inputs: its views, its random draws).
     """
+    loss_inputs = dict(loss_inputs or {})
     model.train()
     total_loss, seen = 0.0, 0
     for _ in range(epochs):
         batches = list(samples.epoch(batch_size, rng))
         for indices in tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch"):
             items, lengths, targets, users = samples.batch(indices)
-            loss = model.loss(items.to(device), lengths.to(device), targets.to(device), users.to(device))
+            loss = model.loss(items.to(device), lengths.to(device), targets.to(device), users.to(device), **loss_inputs)
             if regularizer is not None:
                 loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
-"""Centralized strategies: one model trained on every user's training prefixes.
+"""Centralized methods: one model trained on every user's training prefixes.
 
-``lumos train --strategy centralized-sasrec|centralized-cl4srec|sracl`` lands here; federated
-strategies write the same :mod:`lumosrec.results` schema from the Flower server. ``sracl``
-first builds its semantic side (:mod:`augment.semantic`: LLM texts, embeddings, neighbours).
+``lumos train --method centralized-sasrec|centralized-cl4srec|sracl`` lands here; federated
+methods write the same :mod:`lumosrec.core.results` schema from the Flower server. ``sracl``
+first builds its semantic side (:mod:`lumosrec.augment.semantic`: LLM texts, embeddings, neighbours).
 """
 
 from __future__ import annotations
@@ -12,47 +12,25 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from lumosrec.dataset import Dataset
-from lumosrec.errors import ConfigError
-from lumosrec.evaluation import METRIC_NAMES, evaluate, leave_one_out
-from lumosrec.results import RunDirectory, format_table, peak_rss_mb
-from lumosrec.training import TrainConfig, fit, pick_device, seed_everything
-from models.cl4srec import CL4SRec, CL4SRecConfig
-from models.popularity import Popularity
-from models.sasrec import SASRec, SASRecConfig
-from models.sracl import SRACL, SRACLConfig
-
-if TYPE_CHECKING:
-    from augment.runtime import RuntimeConfig
-    from augment.semantic import SemanticConfig
+from lumosrec.augment.runtime import RuntimeConfig
+from lumosrec.augment.semantic import SemanticConfig, build_semantic_side
+from lumosrec.core.dataset import Dataset
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.evaluation import METRIC_NAMES, evaluate, leave_one_out
+from lumosrec.core.results import RunDirectory, format_table, peak_rss_mb
+from lumosrec.core.training import TrainConfig, fit, pick_device, seed_everything
+from lumosrec.models.factory import build_model
+from lumosrec.models.popularity import Popularity
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = {
-    "centralized-sasrec": (SASRec, SASRecConfig),
-    "centralized-cl4srec": (CL4SRec, CL4SRecConfig),
-    "sracl": (SRACL, SRACLConfig),
-}
-
-
-def build_model(strategy: str, num_items: int, train: TrainConfig, **hyper: float) -> SASRec:
-    """Instantiate ``strategy``'s model; unknown hyper-parameters are rejected by name."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    model_class, config_class = STRATEGIES[strategy]
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(hyper) - known)
-    if unknown:
-        raise ConfigError(f"strategy {strategy} has no hyper-parameter(s) {', '.join(unknown)}")
-    if "seed" in known:
-        hyper = {**hyper, "seed": train.seed}
-    return model_class(config_class(num_items=num_items, max_len=train.max_len, **hyper))
+#: centralized method -> the model it trains (a name of the model factory)
+CENTRALIZED_METHODS = {"centralized-sasrec": "sasrec", "centralized-cl4srec": "cl4srec", "sracl": "sracl"}
 
 
 def run_centralized(
-    strategy: str,
+    method: str,
     dataset: Dataset,
     out: str | Path,
     train: TrainConfig,
@@ -68,22 +46,22 @@ def run_centralized(
     metrics under ``baselines`` so every run shows what a non-personalised ranking gets.
     ``semantic`` and ``runtime`` configure ``sracl``'s semantic side and its LLM.
     """
+    if method not in CENTRALIZED_METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(CENTRALIZED_METHODS)}")
     run = RunDirectory(out, overwrite=overwrite)
     seed_everything(train.seed)
     split = leave_one_out(dataset.sequences, dataset.num_items)
     hyper, side = dict(hyper or {}), None
-    if strategy == "sracl":
-        from augment.semantic import SemanticConfig, build_semantic_side
-
+    if method == "sracl":
         semantic = semantic or SemanticConfig()
         side = build_semantic_side(dataset, split, semantic, runtime, progress)
         hyper["semantic_size"] = side.dimension
-    model = build_model(strategy, dataset.num_items, train, **hyper)
+    model = build_model(CENTRALIZED_METHODS[method], dataset.num_items, seed=train.seed, max_len=train.max_len, **hyper)
     if side is not None:
         model.set_semantics(side.user_vectors, side.user_neighbours, split.train, side.item_neighbours)
     run.write_config(
         {
-            "strategy": strategy,
+            "method": method,
             "dataset": dataset.name,
             "dataset_stats": dataset.stats(),
             "train": dataclasses.asdict(train),
@@ -97,7 +75,7 @@ def run_centralized(
     run.save_model(fitted.best_state, model.config.to_dict())
     popularity = Popularity(split.train, dataset.num_items)
     result = {
-        "strategy": strategy,
+        "method": method,
         "dataset": dataset.name,
         "seed": train.seed,
         "epochs": len(fitted.history),
@@ -115,7 +93,7 @@ def run_centralized(
 
 def result_table(result: dict) -> str:
     """Test metrics of the run next to the popularity baseline."""
-    rows = {result["strategy"]: result["test"]}
+    rows = {result["method"]: result["test"]}
     for name, baseline in result.get("baselines", {}).items():
         rows[name] = baseline["test"]
     return format_table(rows, METRIC_NAMES)

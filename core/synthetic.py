@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lumosrec.dataset import Dataset
+from lumosrec.core.dataset import Dataset
 
 CATALOG: dict[str, tuple[str, ...]] = {
     "Books|Science Fiction": ("Starship Chronicle", "Galactic Atlas", "Android Diaries", "Orbit Saga", "Time Engine"),
@@ -86,8 +86,8 @@ def generate(config: SyntheticConfig | None = None) -> Dataset:
         sequences=sequences,
         user_ids=[str(u) for u in range(1, config.num_users + 1)],
         item_ids=[""] + [str(i) for i in range(1, num_items + 1)],
-        titles=[""] + titles,
-        categories=[()] + categories,
+        titles=["", *titles],
+        categories=[(), *categories],
     )
 
 

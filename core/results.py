@@ -1,10 +1,10 @@
-"""The run directory and the results schema every strategy writes.
+"""The run directory and the results schema every method writes.
 
 A run directory holds ``config.json`` (written first: what was asked, seed, versions),
 ``metrics.json`` (rewritten after every epoch or round, so an interrupted run keeps its
 history), ``model.pt`` and finally ``result.json``::
 
-    {"strategy", "dataset", "seed", "epochs", "best_epoch", "seconds_per_epoch",
+    {"method", "dataset", "seed", "epochs", "best_epoch", "seconds_per_epoch",
      "peak_rss_mb", "valid": {protocol: metrics}, "test": {protocol: metrics}, ...}
 
 All files are written atomically (temporary file + rename).
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from lumosrec.errors import ConfigError
+from lumosrec.core.errors import ConfigError
 
 RESULT_KEYS = (
-    "strategy",
+    "method",
     "dataset",
     "seed",
     "epochs",
@@ -54,6 +54,14 @@ def environment() -> dict[str, str]:
             versions[package] = "not installed"
     versions["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return versions
+
+
+def read_result(path: str | Path) -> dict:
+    """A ``result.json``; one written before results said ``method`` has it under ``strategy``."""
+    result = json.loads(Path(path).read_text())
+    if "method" not in result and "strategy" in result:
+        result = {"method": result.pop("strategy"), **result}
+    return result
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -14,6 +14,7 @@ It wraps ``flwr run`` and fixes what makes the bare command unsafe to script:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,11 +29,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from augment.client_views import prefill_views
-from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import (
-    APP_DIR, check_run_config, default_num_nodes, default_run_config, flower_env, format_run_config, free_port,
-)
+from lumosrec.client.objectives import objective_for
+from lumosrec.core.errors import ConfigError, LumosError
+from lumosrec.core.results import read_result
+from lumosrec.core.runconfig import format_run_config
+from lumosrec.launch.app import APP_DIR, check_run_config, default_num_nodes, default_run_config, flower_env, free_port
+from lumosrec.server import checkpoint
+from lumosrec.server.server_app import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,8 @@ def stop_federation(flwr_home: Path) -> None:
         except OSError:
             continue
         if marker in environ.split(b"\0"):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -108,7 +109,7 @@ def simulate(
         _check_resumable(run_config)
     if num_supernodes is None:
         num_supernodes = default_num_nodes(run_config)
-    prefill_views(run_config, progress)
+    objective_for(run_config).prepare_ahead(run_config, progress)
     federation = {"num-supernodes": num_supernodes}
     if client_cpus is not None:
         federation["client-resources-num-cpus"] = client_cpus
@@ -116,16 +117,28 @@ def simulate(
     env = flower_env(FLWR_HOME=str(flwr_home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()))
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    log.info("simulating %d supernodes, %s rounds, results in %s", num_supernodes,
-             run_config["num-server-rounds"], run_config["out-dir"])
+    log.info(
+        "simulating %d supernodes, %s rounds, results in %s",
+        num_supernodes,
+        run_config["num-server-rounds"],
+        run_config["out-dir"],
+    )
     # `timeout`, `kill` and job schedulers send SIGTERM: clean up as on Ctrl-C.
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         submitted = _flwr(
-            ["run", str(APP_DIR), "--format", "json",
-             "--federation-config", " ".join(f"{k}={v}" for k, v in federation.items()),
-             "--run-config", format_run_config(run_config)],
-            env, timeout=300,
+            [
+                "run",
+                str(APP_DIR),
+                "--format",
+                "json",
+                "--federation-config",
+                " ".join(f"{k}={v}" for k, v in federation.items()),
+                "--run-config",
+                format_run_config(run_config),
+            ],
+            env,
+            timeout=300,
         )
         run_id = str(json.loads(submitted)["run-id"])
         _stream(run_id, env, int(run_config["num-server-rounds"]), timeout, progress)
@@ -140,14 +153,11 @@ def simulate(
         raise SimulationError(f"run {run_id} ended with status {status}; see the log above")
     if not result_path.is_file():
         raise SimulationError(f"run {run_id} completed but wrote no {result_path}")
-    return json.loads(result_path.read_text())
+    return read_result(result_path)
 
 
 def _check_resumable(run_config: Mapping) -> None:
     """Refuse early, with one line, to resume a checkpoint written with other settings."""
-    from server import checkpoint
-    from server.server_app import fingerprint
-
     try:
         checkpoint.load(Path(str(run_config["out-dir"])), fingerprint(run_config))
     except ValueError as error:

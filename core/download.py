@@ -23,12 +23,14 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, TypeVar
+from typing import TypeVar
 
-from lumosrec.errors import DownloadError
+from lumosrec.core.errors import DownloadError
+from lumosrec.core.paths import cache_dir as cache_folder
 
 T = TypeVar("T")
 
@@ -36,9 +38,27 @@ T = TypeVar("T")
 CONVERTER_VERSION = 1
 TIMEOUT_S = 30
 
-ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
-                 "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
-                 "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+ML100K_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 Interaction = tuple[int, int, int]
 ItemInfo = tuple[str, list[str]]
@@ -53,8 +73,7 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _parse(path: Path, member: str | None, encoding: str,
-           parse: Callable[[str], T | None]) -> list[T]:
+def _parse(path: Path, member: str | None, encoding: str, parse: Callable[[str], T | None]) -> list[T]:
     """Parse every non-blank line of a plain, gzipped or zipped text file.
 
     All decompression and parsing failures become one :class:`DownloadError` naming the
@@ -78,16 +97,27 @@ def _parse(path: Path, member: str | None, encoding: str,
                 raw = stack.enter_context(gzip.open(path))
             else:
                 raw = stack.enter_context(open(path, "rb"))
-            for lineno, line in enumerate(io.TextIOWrapper(raw, encoding=encoding), 1):
+            for lineno, line in enumerate(io.TextIOWrapper(raw, encoding=encoding), 1):  # noqa: B007 -- named in errors
                 if line.strip():
                     record = parse(line.rstrip("\r\n"))
                     if record is not None:
                         records.append(record)
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, IndexError,
-            ValueError, TypeError, SyntaxError) as exc:
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        KeyError,
+        IndexError,
+        ValueError,
+        TypeError,
+        SyntaxError,
+    ) as exc:
         at = f", line {lineno}" if lineno else ""
-        raise DownloadError(f"{where}{at} is corrupt or not in the expected format "
-                            f"({_reason(exc)}); delete it and re-run to download it again") from exc
+        raise DownloadError(
+            f"{where}{at} is corrupt or not in the expected format "
+            f"({_reason(exc)}); delete it and re-run to download it again"
+        ) from exc
     return records
 
 
@@ -111,6 +141,7 @@ def _rating_parser(sep: str, min_rating: int | None) -> Callable[[str], Interact
         if min_rating is not None and int(rating) < min_rating:
             return None
         return int(user), int(item), int(ts)
+
     return parse
 
 
@@ -125,8 +156,7 @@ def _write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[object
     os.replace(tmp, path)
 
 
-def _write_dataset(out_dir: Path, interactions: list[Interaction],
-                   items: Mapping[int, ItemInfo]) -> None:
+def _write_dataset(out_dir: Path, interactions: list[Interaction], items: Mapping[int, ItemInfo]) -> None:
     """Write interactions (sorted stably by user, time) and the items they use."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +210,13 @@ def convert_ml1m(raw_dir: Path, out_dir: Path, min_rating: int | None = None) ->
     _write_dataset(out_dir, ratings, dict(_parse(archive, "ml-1m/movies.dat", "latin-1", movie)))
 
 
-def convert_amazon(raw_dir: Path, out_dir: Path, reviews_file: str = "reviews_Beauty_5.json.gz",
-                   meta_file: str = "meta_Beauty.json.gz", root_category: str = "Beauty") -> None:
+def convert_amazon(
+    raw_dir: Path,
+    out_dir: Path,
+    reviews_file: str = "reviews_Beauty_5.json.gz",
+    meta_file: str = "meta_Beauty.json.gz",
+    root_category: str = "Beauty",
+) -> None:
     """Convert McAuley's 2014 Amazon 5-core reviews plus metadata found in ``raw_dir``.
 
     Reviewer ids and ASINs become integers ``1..`` in order of first appearance after
@@ -197,8 +232,9 @@ def convert_amazon(raw_dir: Path, out_dir: Path, reviews_file: str = "reviews_Be
     reviews = sorted(_parse(raw_dir / reviews_file, None, "utf-8", review), key=lambda r: (r[0], r[2]))
     users: dict[str, int] = {}
     asins: dict[str, int] = {}
-    interactions = [(users.setdefault(u, len(users) + 1), asins.setdefault(a, len(asins) + 1), t)
-                    for u, a, t in reviews]
+    interactions = [
+        (users.setdefault(u, len(users) + 1), asins.setdefault(a, len(asins) + 1), t) for u, a, t in reviews
+    ]
 
     # The metadata covers the whole category (~250k products); a cheap regex on the asin
     # skips the slow literal_eval for products that have no 5-core reviews.
@@ -236,23 +272,22 @@ DATASETS: dict[str, DatasetSpec] = {
     "ml-100k": DatasetSpec(
         "MovieLens 100K (GroupLens)",
         {"ml-100k.zip": "https://files.grouplens.org/datasets/movielens/ml-100k.zip"},
-        convert_ml100k),
+        convert_ml100k,
+    ),
     "ml-1m": DatasetSpec(
         "MovieLens 1M (GroupLens), all ratings",
         {"ml-1m.zip": "https://files.grouplens.org/datasets/movielens/ml-1m.zip"},
-        convert_ml1m),
+        convert_ml1m,
+    ),
     "amazon-beauty": DatasetSpec(
         "Amazon Beauty 5-core reviews (McAuley et al. 2014)",
-        {"reviews_Beauty_5.json.gz": _SNAP + "reviews_Beauty_5.json.gz",
-         "meta_Beauty.json.gz": _SNAP + "meta_Beauty.json.gz"},
-        convert_amazon),
+        {
+            "reviews_Beauty_5.json.gz": _SNAP + "reviews_Beauty_5.json.gz",
+            "meta_Beauty.json.gz": _SNAP + "meta_Beauty.json.gz",
+        },
+        convert_amazon,
+    ),
 }
-
-
-def default_cache_dir() -> Path:
-    """Return ``$LUMOS_CACHE_DIR`` if set, else ``~/.cache/lumos/datasets``."""
-    env = os.environ.get("LUMOS_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lumos" / "datasets"
 
 
 def _fetch(name: str, url: str, dest: Path, progress: bool) -> None:
@@ -265,8 +300,9 @@ def _fetch(name: str, url: str, dest: Path, progress: bool) -> None:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(part, "wb") as fh:
             length, received = response.headers.get("Content-Length", ""), 0
             total = int(length) if length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=dest.name, disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
+            ) as bar:
                 while chunk := response.read(1 << 16):
                     fh.write(chunk)
                     received += len(chunk)
@@ -277,7 +313,8 @@ def _fetch(name: str, url: str, dest: Path, progress: bool) -> None:
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise DownloadError(
             f"could not download {name} from {url}: {_reason(exc)}. Check your network "
-            f"connection, or place {dest.name} in {dest.parent} and re-run") from exc
+            f"connection, or place {dest.name} in {dest.parent} and re-run"
+        ) from exc
     finally:
         part.unlink(missing_ok=True)
 
@@ -287,12 +324,14 @@ def _is_converted(out_dir: Path) -> bool:
         info = json.loads((out_dir / "source.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (info.get("converter_version") == CONVERTER_VERSION
-            and (out_dir / "interactions.csv").is_file() and (out_dir / "items.csv").is_file())
+    return (
+        info.get("converter_version") == CONVERTER_VERSION
+        and (out_dir / "interactions.csv").is_file()
+        and (out_dir / "items.csv").is_file()
+    )
 
 
-def download(name: str, cache_dir: Path | None = None, force: bool = False,
-             progress: bool = True) -> Path:
+def download(name: str, cache_dir: Path | None = None, force: bool = False, progress: bool = True) -> Path:
     """Download (if needed) and convert a public dataset; return its converted folder.
 
     Parameters
@@ -300,7 +339,7 @@ def download(name: str, cache_dir: Path | None = None, force: bool = False,
     name
         A key of :data:`DATASETS` (``ml-100k``, ``ml-1m``, ``amazon-beauty``).
     cache_dir
-        Root of the dataset cache; defaults to :func:`default_cache_dir`.
+        Root of the dataset cache; defaults to ``$LUMOS_CACHE/datasets`` (:func:`lumosrec.core.paths.cache_dir`).
     force
         Fetch the raw files again and redo the conversion even if both are cached.
     progress
@@ -320,7 +359,7 @@ def download(name: str, cache_dir: Path | None = None, force: bool = False,
     spec = DATASETS.get(name)
     if spec is None:
         raise DownloadError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-    out_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / name
+    out_dir = Path(cache_dir if cache_dir is not None else cache_folder("datasets")).expanduser() / name
     raw_dir = out_dir / "raw"
     if not force and _is_converted(out_dir):
         return out_dir
@@ -338,9 +377,14 @@ def download(name: str, cache_dir: Path | None = None, force: bool = False,
         for filename in spec.files:
             with open(raw_dir / filename, "rb") as fh:
                 digests[filename] = hashlib.file_digest(fh, "sha256").hexdigest()
-        info = {"dataset": name, "description": spec.description, "urls": dict(spec.files),
-                "sha256": digests, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "converter_version": CONVERTER_VERSION}
+        info = {
+            "dataset": name,
+            "description": spec.description,
+            "urls": dict(spec.files),
+            "sha256": digests,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "converter_version": CONVERTER_VERSION,
+        }
         (out_dir / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise DownloadError(f"could not convert {name} in {out_dir}: {_reason(exc)}") from exc

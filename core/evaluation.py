@@ -27,14 +27,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lumosrec.batching import pad_sequences
+from lumosrec.core.batching import pad_sequences
 
 CUTOFFS = (10, 20)
 MRR_CUTOFF = 10
 MAX_CUTOFF = max(CUTOFFS)
 PROTOCOLS = ("unmasked", "masked")
 STAGES = ("valid", "test")
-METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in CUTOFFS) + (f"MRR@{MRR_CUTOFF}",)
+METRIC_NAMES = (*tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in CUTOFFS), f"MRR@{MRR_CUTOFF}")
 
 
 class Scorer(Protocol):

@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    lumos train --strategy centralized-sasrec --data synthetic --out runs/demo
+    lumos train --method centralized-sasrec --data synthetic --out runs/demo
     lumos data stats PATH
     lumos data download ml-100k
     lumos data synthetic --out DIR
@@ -24,38 +24,29 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lumosrec import download as downloads
-from lumosrec.dataset import Dataset, load_dataset
-from lumosrec.errors import ConfigError, LumosError
-from lumosrec.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.core import download as downloads
+from lumosrec.core.data import SYNTHETIC, resolve_data
+from lumosrec.core.errors import ConfigError, LumosError
+from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 
 if TYPE_CHECKING:
-    from augment.runtime import RuntimeConfig
-    from augment.semantic import SemanticConfig
+    from lumosrec.augment.runtime import RuntimeConfig
+    from lumosrec.augment.semantic import SemanticConfig
 
 log = logging.getLogger("lumos")
 
-SYNTHETIC = "synthetic"
-
-
-def resolve_data(spec: str, items: str | None = None, seed: int = SyntheticConfig.seed) -> Dataset:
-    """``synthetic``, a downloaded dataset's name, or a path to a folder / sequences file."""
-    if spec == SYNTHETIC:
-        return generate(SyntheticConfig(seed=seed))
-    path = Path(spec)
-    if not path.exists() and spec in downloads.DATASETS:
-        cached = downloads.default_cache_dir() / spec
-        if not (cached / "interactions.csv").is_file():
-            raise ConfigError(f"dataset {spec} is not downloaded yet; run: lumos data download {spec}")
-        path = cached
-    return load_dataset(path, items)
-
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    from lumosrec.centralized import STRATEGIES
+    from lumosrec.launch.centralized import CENTRALIZED_METHODS
 
-    parser = subparsers.add_parser("train", help="train and evaluate one strategy centrally")
-    parser.add_argument("--strategy", default="centralized-sasrec", choices=sorted(STRATEGIES))
+    parser = subparsers.add_parser("train", help="train and evaluate one method centrally")
+    parser.add_argument(
+        "--method",
+        choices=sorted(CENTRALIZED_METHODS),
+        help="centralized-sasrec (default), centralized-cl4srec or sracl",
+    )
+    # "strategy" now means only the server's aggregation rule; the old spelling still works
+    parser.add_argument("--strategy", dest="legacy_method", choices=sorted(CENTRALIZED_METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--data", default=SYNTHETIC, help="'synthetic', a downloaded dataset name, or a path")
     parser.add_argument("--items", help="items.csv to use with a sequences file")
     parser.add_argument("--out", required=True, help="run directory (config, metrics, model, result)")
@@ -80,12 +71,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_sracl_options(parser: argparse.ArgumentParser) -> None:
-    from augment.neighbours import INDEXES
-    from augment.runtime import BACKENDS, DEFAULT_MODEL
-    from augment.semantic import RETRIEVALS, SOURCES
-    from models.sracl import SYNTHESIZERS
+    from lumosrec.augment.neighbours import INDEXES
+    from lumosrec.augment.runtime import BACKENDS, DEFAULT_MODEL
+    from lumosrec.augment.semantic import RETRIEVALS, SOURCES
+    from lumosrec.models.sracl import SYNTHESIZERS
 
-    group = parser.add_argument_group("sracl", "SRA-CL (--strategy sracl); the flags after --k are its ablations")
+    group = parser.add_argument_group("sracl", "SRA-CL (--method sracl); the flags after --k are its ablations")
     group.add_argument("--alpha", type=float, help="weight of the inter-user contrastive term (default 0.1)")
     group.add_argument("--beta", type=float, help="weight of the intra-user contrastive term (default 0.1)")
     group.add_argument("--k", type=int, default=10, help="semantic neighbours per user and per item")
@@ -93,14 +84,20 @@ def _add_sracl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-item-cl", action="store_true", help="ablation: beta = 0")
     group.add_argument("--synthesizer", choices=SYNTHESIZERS, help="top1: the hard-rule ablation (nearest user only)")
     group.add_argument("--retrieval", choices=RETRIEVALS, default="semantic", help="random: the non-semantic ablation")
-    group.add_argument("--semantic", choices=SOURCES, default="llm",
-                       help="raw-text: embed titles instead of LLM summaries (the w/o-LLM ablation)")
+    group.add_argument(
+        "--semantic",
+        choices=SOURCES,
+        default="llm",
+        help="raw-text: embed titles instead of LLM summaries (the w/o-LLM ablation)",
+    )
     group.add_argument("--index", choices=INDEXES, default="exact", help="approximate: a FAISS HNSW index")
     group.add_argument("--llm-model", default=DEFAULT_MODEL, help="shipped name, .gguf file, model folder or HF id")
     group.add_argument("--llm-backend", choices=BACKENDS, default="auto")
     group.add_argument("--llm-batch", type=int, default=12, help="prompts decoded together")
     group.add_argument("--encoder", help="sentence-transformers model (default all-MiniLM-L6-v2, shipped)")
-    group.add_argument("--semantic-dir", help="cache of texts and LLM cost report (default ~/.cache/lumos/semantic/<data>)")
+    group.add_argument(
+        "--semantic-dir", help="cache of texts and LLM cost report (default ~/.cache/lumos/semantic/<data>)"
+    )
 
 
 SRACL_HYPER = ("alpha", "beta", "synthesizer")
@@ -108,16 +105,18 @@ SRACL_HYPER = ("alpha", "beta", "synthesizer")
 
 def check_sracl_flags(args: argparse.Namespace, method: str) -> None:
     """SRA-CL's model flags with another method are a mistake, not something to ignore."""
-    if method != "sracl" and (args.no_user_cl or args.no_item_cl or any(getattr(args, n) is not None
-                                                                        for n in SRACL_HYPER)):
-        raise ConfigError("--alpha, --beta, --synthesizer, --no-user-cl and --no-item-cl are SRA-CL's; "
-                          "use them with sracl")
+    if method != "sracl" and (
+        args.no_user_cl or args.no_item_cl or any(getattr(args, n) is not None for n in SRACL_HYPER)
+    ):
+        raise ConfigError(
+            "--alpha, --beta, --synthesizer, --no-user-cl and --no-item-cl are SRA-CL's; use them with sracl"
+        )
 
 
 def sracl_settings(args: argparse.Namespace) -> tuple[dict, SemanticConfig, RuntimeConfig]:
     """SRA-CL's model hyper-parameters, semantic side and LLM runtime from ``lumos train`` flags."""
-    from augment.runtime import RuntimeConfig
-    from augment.semantic import SemanticConfig
+    from lumosrec.augment.runtime import RuntimeConfig
+    from lumosrec.augment.semantic import SemanticConfig
 
     if args.k < 1 or args.llm_batch < 1:
         raise ConfigError("--k and --llm-batch must be at least 1")
@@ -128,15 +127,37 @@ def sracl_settings(args: argparse.Namespace) -> tuple[dict, SemanticConfig, Runt
         hyper["alpha"] = 0.0
     if args.no_item_cl:
         hyper["beta"] = 0.0
-    semantic = SemanticConfig(source=args.semantic, retrieval=args.retrieval, index=args.index, k=args.k,
-                              folder=args.semantic_dir or "", **({"encoder": args.encoder} if args.encoder else {}))
+    semantic = SemanticConfig(
+        source=args.semantic,
+        retrieval=args.retrieval,
+        index=args.index,
+        k=args.k,
+        folder=args.semantic_dir or "",
+        **({"encoder": args.encoder} if args.encoder else {}),
+    )
     return hyper, semantic, RuntimeConfig(model=args.llm_model, backend=args.llm_backend, batch_size=args.llm_batch)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from lumosrec.centralized import result_table, run_centralized
-    from lumosrec.training import TrainConfig
+def _train_method(args: argparse.Namespace) -> str:
+    """``--method``, or the deprecated ``--strategy`` with a line saying so."""
+    if args.legacy_method is not None:
+        if args.method is not None and args.method != args.legacy_method:
+            raise ConfigError(
+                f"--method {args.method} and --strategy {args.legacy_method} disagree; give --method only"
+            )
+        print(
+            "lumos: warning: `lumos train --strategy` is deprecated, use --method (a strategy is the server's "
+            "aggregation rule)",
+            file=sys.stderr,
+        )
+    return args.method or args.legacy_method or "centralized-sasrec"
 
+
+def _train(args: argparse.Namespace) -> int:
+    from lumosrec.core.training import TrainConfig
+    from lumosrec.launch.centralized import result_table, run_centralized
+
+    method = _train_method(args)
     for name in ("max_len", "epochs", "batch_size", "patience"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -153,32 +174,40 @@ def _train(args: argparse.Namespace) -> int:
     hyper_names = ("hidden_size", "num_layers", "num_heads", "inner_size", "dropout", "cl_weight", "temperature")
     hyper = {name: getattr(args, name) for name in hyper_names if getattr(args, name) is not None}
     semantic = runtime = None
-    check_sracl_flags(args, args.strategy)
-    if args.strategy == "sracl":
+    check_sracl_flags(args, method)
+    if method == "sracl":
         sracl_hyper, semantic, runtime = sracl_settings(args)
         hyper.update(sracl_hyper)
-    log.info("%s on %s: %d users, %d items", args.strategy, dataset.name, dataset.num_users, dataset.num_items)
+    log.info("%s on %s: %d users, %d items", method, dataset.name, dataset.num_users, dataset.num_items)
     try:
-        result = run_centralized(args.strategy, dataset, args.out, train, hyper, args.overwrite, not args.quiet,
-                                 semantic, runtime)
+        result = run_centralized(
+            method, dataset, args.out, train, hyper, args.overwrite, not args.quiet, semantic, runtime
+        )
     except KeyboardInterrupt:
         print(f"\ninterrupted; config and per-epoch metrics so far are in {args.out}", file=sys.stderr)
         return 130
-    print(f"\n{args.strategy} on {dataset.name}: best epoch {result['best_epoch']} of {result['epochs']}, "
-          f"{result['seconds_per_epoch']:.1f} s/epoch, peak {result['peak_rss_mb']:.0f} MB")
+    print(
+        f"\n{method} on {dataset.name}: best epoch {result['best_epoch']} of {result['epochs']}, "
+        f"{result['seconds_per_epoch']:.1f} s/epoch, peak {result['peak_rss_mb']:.0f} MB"
+    )
     print(result_table(result))
     print(f"\nresults: {Path(args.out) / 'result.json'}")
     return 0
 
 
 def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
+    from lumosrec.client.objectives import OBJECTIVES
+
     parser = subparsers.add_parser("simulate", help="federated run on Flower's Ray simulation runtime")
     parser.add_argument("--data", help="'synthetic', a downloaded dataset name, or a path")
     parser.add_argument("--out", help="run directory (metrics, checkpoint, model, result)")
     parser.add_argument("--rounds", type=int, help="num-server-rounds")
     parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, ... (see pyproject.toml)")
-    parser.add_argument("--objective", choices=("sasrec", "cl4srec", "lumos"),
-                        help="local objective: sasrec (FedAvg-SASRec), cl4srec (Fed-CL4SRec), lumos (LLM views)")
+    parser.add_argument(
+        "--objective",
+        choices=tuple(OBJECTIVES),
+        help="local objective: sasrec (FedAvg-SASRec), cl4srec (Fed-CL4SRec), lumos (LLM views)",
+    )
     parser.add_argument("--users-per-client", type=int, help="users grouped into one virtual client")
     parser.add_argument("--fraction-train", type=float, help="share of clients trained per round")
     parser.add_argument("--local-epochs", type=int)
@@ -193,25 +222,33 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from lumosrec.centralized import result_table
-    from lumosrec.federated import parse_run_config
-    from lumosrec.simulate import simulate
+    from lumosrec.core.runconfig import parse_run_config
+    from lumosrec.launch.centralized import result_table
+    from lumosrec.launch.simulate import simulate
 
     named = {
-        "data": args.data, "out-dir": args.out, "num-server-rounds": args.rounds, "strategy": args.strategy,
-        "objective": args.objective, "users-per-client": args.users_per_client, "fraction-train": args.fraction_train,
-        "local-epochs": args.local_epochs, "seed": args.seed,
+        "data": args.data,
+        "out-dir": args.out,
+        "num-server-rounds": args.rounds,
+        "strategy": args.strategy,
+        "objective": args.objective,
+        "users-per-client": args.users_per_client,
+        "fraction-train": args.fraction_train,
+        "local-epochs": args.local_epochs,
+        "seed": args.seed,
     }
     overrides = {**parse_run_config(args.run_config), **{k: v for k, v in named.items() if v is not None}}
     result = simulate(overrides, args.num_supernodes, args.ray_address, args.client_cpus, args.timeout, not args.quiet)
-    print(f"\n{result['strategy']} on {result['dataset']}: best round {result['best_epoch']} of {result['epochs']}, "
-          f"{result['seconds_per_epoch']:.1f} s/round, {result['failures']} client failures")
+    print(
+        f"\n{result['method']} on {result['dataset']}: best round {result['best_epoch']} of {result['epochs']}, "
+        f"{result['seconds_per_epoch']:.1f} s/round, {result['failures']} client failures"
+    )
     print(result_table(result))
     return 0
 
 
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
-    from lumosrec.experiment import ENGINES, METHODS, Budget
+    from lumosrec.launch.experiment import ENGINES, METHODS, Budget
 
     parser = subparsers.add_parser("run", help="one named method (centralized, local or federated) on a dataset")
     parser.add_argument("--method", required=True, choices=METHODS)
@@ -219,34 +256,56 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run directory; a finished one is reused, not rerun")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--rounds", type=int, default=Budget.rounds, help="budget: federation rounds")
-    parser.add_argument("--fraction-train", type=float, default=Budget.fraction_train,
-                        help="budget: share of clients per round")
+    parser.add_argument(
+        "--fraction-train", type=float, default=Budget.fraction_train, help="budget: share of clients per round"
+    )
     parser.add_argument("--local-epochs", type=int, default=Budget.local_epochs, help="budget: epochs per round")
     parser.add_argument("--sample-users", type=int, default=0, help="a fixed random subset of users (0: all)")
     parser.add_argument("--sample-seed", type=int, default=0)
-    parser.add_argument("--run-config", default="", help="more overrides, TOML-typed: 'lumos-tau=0.5 views=\"retrieval\"'")
-    parser.add_argument("--engine", default="inprocess", choices=ENGINES,
-                        help="federated methods: in this process (default) or Flower's Ray simulation")
+    parser.add_argument(
+        "--run-config", default="", help="more overrides, TOML-typed: 'lumos-tau=0.5 views=\"retrieval\"'"
+    )
+    parser.add_argument(
+        "--engine",
+        default="inprocess",
+        choices=ENGINES,
+        help="federated methods: in this process (default) or Flower's Ray simulation",
+    )
     _add_sracl_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lumosrec.centralized import result_table
-    from lumosrec.experiment import FEDERATED, Budget, SRACLSettings, run_method
-    from lumosrec.federated import parse_run_config
+    from lumosrec.client.objectives import FEDERATED_METHODS
+    from lumosrec.core.runconfig import parse_run_config
+    from lumosrec.launch.centralized import result_table
+    from lumosrec.launch.experiment import Budget, SRACLSettings, run_method
 
     check_sracl_flags(args, args.method)
     if args.rounds < 1 or args.local_epochs < 1 or not 0 < args.fraction_train <= 1:
         raise ConfigError("--rounds and --local-epochs must be at least 1, --fraction-train in (0, 1]")
     budget = Budget(args.rounds, args.fraction_train, args.local_epochs)
-    overrides = {**parse_run_config(args.run_config), "sample-users": args.sample_users,
-                 "sample-seed": args.sample_seed}
-    result = run_method(args.method, args.data, args.out, args.seed, budget, overrides, args.engine,
-                        progress=not args.quiet, sracl=SRACLSettings(*sracl_settings(args)))
-    print(f"\n{result['strategy']} on {result['dataset']}: best {result['best_epoch']} of {result['epochs']} "
-          f"({'rounds' if args.method in FEDERATED else 'epochs'})")
+    overrides = {
+        **parse_run_config(args.run_config),
+        "sample-users": args.sample_users,
+        "sample-seed": args.sample_seed,
+    }
+    result = run_method(
+        args.method,
+        args.data,
+        args.out,
+        args.seed,
+        budget,
+        overrides,
+        args.engine,
+        progress=not args.quiet,
+        sracl=SRACLSettings(*sracl_settings(args)),
+    )
+    print(
+        f"\n{result['method']} on {result['dataset']}: best {result['best_epoch']} of {result['epochs']} "
+        f"({'rounds' if args.method in FEDERATED_METHODS else 'epochs'})"
+    )
     print(result_table(result))
     print(f"\nresults: {Path(args.out) / 'result.json'}")
     return 0
@@ -275,7 +334,7 @@ def _add_deploy(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _deploy_certs(args: argparse.Namespace) -> int:
-    from lumosrec.deployment import make_certificates
+    from lumosrec.launch.deployment import make_certificates
 
     hosts = tuple(args.host or ("localhost", "127.0.0.1", "superlink"))
     certs = make_certificates(args.out, hosts)
@@ -284,7 +343,7 @@ def _deploy_certs(args: argparse.Namespace) -> int:
 
 
 def _deploy_split(args: argparse.Namespace) -> int:
-    from lumosrec.deployment import split_nodes
+    from lumosrec.launch.deployment import split_nodes
 
     folders = split_nodes(resolve_data(args.data), args.nodes, args.out)
     print(f"{len(folders)} node folders and the catalog written to {args.out}")
@@ -292,46 +351,70 @@ def _deploy_split(args: argparse.Namespace) -> int:
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
-    from lumosrec.centralized import result_table
-    from lumosrec.deployment import LoopbackDeployment, split_nodes
-    from lumosrec.federated import APP_DIR, format_run_config, parse_run_config
+    from lumosrec.core.results import read_result
+    from lumosrec.core.runconfig import format_run_config, parse_run_config
+    from lumosrec.launch.app import APP_DIR
+    from lumosrec.launch.centralized import result_table
+    from lumosrec.launch.deployment import LoopbackDeployment, split_nodes
 
     workdir = args.workdir.resolve()
     folders = split_nodes(resolve_data(args.data), args.nodes, workdir / "data")
     out = workdir / "run"
     overrides = {
-        "catalog": str(workdir / "data" / "catalog"), "out-dir": str(out), "num-server-rounds": args.rounds,
-        "fraction-train": 1.0, "min-nodes": args.nodes, **parse_run_config(args.run_config),
+        "catalog": str(workdir / "data" / "catalog"),
+        "out-dir": str(out),
+        "num-server-rounds": args.rounds,
+        "fraction-train": 1.0,
+        "min-nodes": args.nodes,
+        **parse_run_config(args.run_config),
     }
     with LoopbackDeployment(folders, workdir / "processes", tls=not args.insecure) as deployment:
         status = deployment.run(APP_DIR, format_run_config(overrides))
     if status != "finished:completed" or not (out / "result.json").is_file():
         raise LumosError(f"deployment run ended with status {status}; logs in {workdir / 'processes'}")
-    print(result_table(json.loads((out / "result.json").read_text())))
+    print(result_table(read_result(out / "result.json")))
     return 0
 
 
 def _add_views(subparsers: argparse._SubParsersAction) -> None:
-    from augment.runtime import BACKENDS, DEFAULT_MODEL
+    from lumosrec.augment.runtime import BACKENDS, DEFAULT_MODEL
 
     parser = subparsers.add_parser("views", help="on-device LLM views of users' histories (LUMOS)")
     views = parser.add_subparsers(dest="views_command", required=True)
     make = views.add_parser("generate", help="make (or reuse from the cache) the views of users")
     make.add_argument("--data", default=SYNTHETIC, help="'synthetic', a downloaded dataset name, or a path")
     make.add_argument("--out", required=True, type=Path, help="folder of the view cache and report")
-    make.add_argument("--views", default="llm", choices=("llm", "retrieval"),
-                      help="'retrieval': no LLM, neighbour/distant items only (ablations, datasets without text)")
-    make.add_argument("--model", default=DEFAULT_MODEL,
-                      help="smollm2-135m, gemma3-270m, a .gguf file, a model folder or a Hugging Face id")
+    make.add_argument(
+        "--views",
+        default="llm",
+        choices=("llm", "retrieval"),
+        help="'retrieval': no LLM, neighbour/distant items only (ablations, datasets without text)",
+    )
+    make.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="smollm2-135m, gemma3-270m, a .gguf file, a model folder or a Hugging Face id",
+    )
     make.add_argument("--backend", default="auto", choices=BACKENDS)
     make.add_argument("--device", default="auto", help="auto, cpu or cuda (transformers backend)")
-    make.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"),
-                      help="bitsandbytes weights on CUDA (transformers backend)")
+    make.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "4bit", "8bit"),
+        help="bitsandbytes weights on CUDA (transformers backend)",
+    )
     make.add_argument("--threads", type=int, default=0, help="CPU threads of the LLM (0: all available cores)")
-    make.add_argument("--batch", type=int, default=12,
-                      help="users per step; prompts decoded together (transformers batch, llama.cpp parallel slots)")
-    make.add_argument("--no-prefix-cache", action="store_true",
-                      help="evaluate every prompt in full (llama.cpp; for throughput baselines)")
+    make.add_argument(
+        "--batch",
+        type=int,
+        default=12,
+        help="users per step; prompts decoded together (transformers batch, llama.cpp parallel slots)",
+    )
+    make.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="evaluate every prompt in full (llama.cpp; for throughput baselines)",
+    )
     make.add_argument("--users", type=int, default=0, help="a fixed random sample of this many users (0: all)")
     make.add_argument("--user-id", action="append", default=[], help="only this user (repeatable)")
     make.add_argument("--sample-seed", type=int, default=0)
@@ -353,31 +436,47 @@ def _add_views(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _views_generate(args: argparse.Namespace) -> int:
-    from augment.generate import format_stats, generate_views, select_users
-    from augment.runtime import RuntimeConfig
-    from augment.views import ViewConfig
+    from lumosrec.augment.generate import format_stats, generate_views, select_users
+    from lumosrec.augment.runtime import RuntimeConfig
+    from lumosrec.augment.views import ViewConfig
 
     dataset = resolve_data(args.data)
-    view_config = ViewConfig(mode=args.views, history_len=args.history_len, items_per_view=args.items_per_view,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             threshold=args.threshold, users_per_batch=args.batch, seed=args.seed)
-    runtime = RuntimeConfig(model=args.model, backend=args.backend, threads=args.threads, batch_size=args.batch,
-                            device=args.device, quantization=args.quantization,
-                            prefix_cache=not args.no_prefix_cache)
+    view_config = ViewConfig(
+        mode=args.views,
+        history_len=args.history_len,
+        items_per_view=args.items_per_view,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        threshold=args.threshold,
+        users_per_batch=args.batch,
+        seed=args.seed,
+    )
+    runtime = RuntimeConfig(
+        model=args.model,
+        backend=args.backend,
+        threads=args.threads,
+        batch_size=args.batch,
+        device=args.device,
+        quantization=args.quantization,
+        prefix_cache=not args.no_prefix_cache,
+    )
     users = select_users(dataset, args.users, args.user_id, args.sample_seed)
-    report = generate_views(dataset, args.out, view_config, runtime, users, args.encoder, args.item_embeddings,
-                            progress=not args.quiet)
+    report = generate_views(
+        dataset, args.out, view_config, runtime, users, args.encoder, args.item_embeddings, progress=not args.quiet
+    )
     print(format_stats(report["stats"]))
     if report["generation"]:
         generation = report["generation"]
-        print(f"{generation['completion_tokens']} tokens generated, "
-              f"{generation['completion_tokens_per_second']:.1f} tokens/s ({report['model']['backend']})")
+        print(
+            f"{generation['completion_tokens']} tokens generated, "
+            f"{generation['completion_tokens_per_second']:.1f} tokens/s ({report['model']['backend']})"
+        )
     print(f"views: {args.out / 'views.sqlite'}, report: {args.out / 'report.json'}")
     return 0
 
 
 def _views_inspect(args: argparse.Namespace) -> int:
-    from augment.generate import inspect_views
+    from lumosrec.augment.generate import inspect_views
 
     print(inspect_views(resolve_data(args.data), args.out, args.user_id))
     return 0
@@ -393,7 +492,7 @@ def _add_data(subparsers: argparse._SubParsersAction) -> None:
     stats.set_defaults(handler=_stats)
     fetch = data.add_parser("download", help="fetch a public dataset and convert it")
     fetch.add_argument("name", choices=sorted(downloads.DATASETS))
-    fetch.add_argument("--cache-dir", type=Path, help="default: $LUMOS_CACHE_DIR or ~/.cache/lumos/datasets")
+    fetch.add_argument("--cache-dir", type=Path, help="default: $LUMOS_CACHE/datasets (~/.cache/lumos/datasets)")
     fetch.add_argument("--force", action="store_true", help="download and convert again")
     fetch.set_defaults(handler=_download)
     synthetic = data.add_parser("synthetic", help="write the embedded default dataset as a folder")
@@ -426,7 +525,9 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lumos", description="Federated sequential recommendation with on-device LLM views.")
+    parser = argparse.ArgumentParser(
+        prog="lumos", description="Federated sequential recommendation with on-device LLM views."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)

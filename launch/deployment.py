@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lumosrec.dataset import Dataset
-from lumosrec.errors import ConfigError, LumosError
-from lumosrec.federated import flower_env, free_port
-from lumosrec.synthetic import write_folder
+from lumosrec.core.dataset import Dataset
+from lumosrec.core.errors import ConfigError, LumosError
+from lumosrec.core.synthetic import write_folder
+from lumosrec.launch.app import flower_env, free_port
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,42 @@ def make_certificates(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0
     san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
     steps = [
         ["openssl", "genrsa", "-out", "ca.key", "4096"],
-        ["openssl", "req", "-new", "-x509", "-key", "ca.key", "-sha256", "-subj", "/CN=Lumos CA", "-days", "365", "-out", "ca.crt"],
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-subj",
+            "/CN=Lumos CA",
+            "-days",
+            "365",
+            "-out",
+            "ca.crt",
+        ],
         ["openssl", "genrsa", "-out", "server.key", "4096"],
         ["openssl", "req", "-new", "-key", "server.key", "-subj", "/CN=superlink", "-out", "server.csr"],
-        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-         "-days", "365", "-sha256", "-extfile", "san.cnf", "-out", "server.pem"],
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-sha256",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            "server.pem",
+        ],
     ]
     (out / "san.cnf").write_text(f"subjectAltName={san}\n")
     for step in steps:
@@ -67,23 +98,60 @@ def make_certificates(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0
     return Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
 
 
-def superlink_command(certs: Certificates | None, isolation: str, host: str = "0.0.0.0",
-                      port: int = SUPERLINK_PORT, database: str | None = None) -> list[str]:
-    command = ["flower-superlink", "--host", host, "--port", str(port), "--isolation", isolation,
-               "--disable-runtime-dependency-installation"]
+def superlink_command(
+    certs: Certificates | None,
+    isolation: str,
+    host: str = "0.0.0.0",
+    port: int = SUPERLINK_PORT,
+    database: str | None = None,
+) -> list[str]:
+    command = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--isolation",
+        isolation,
+        "--disable-runtime-dependency-installation",
+    ]
     if certs is None:
         command.append("--insecure")
     else:
-        command += ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]
+        command += [
+            "--ssl-ca-certfile",
+            str(certs.ca),
+            "--ssl-certfile",
+            str(certs.cert),
+            "--ssl-keyfile",
+            str(certs.key),
+        ]
     if database:
         command += ["--database", database]
     return command
 
 
-def supernode_command(superlink: str, data_path: str, certs: Certificates | None, isolation: str,
-                      host: str = "0.0.0.0", port: int = SUPERNODE_PORT) -> list[str]:
-    command = ["flower-supernode", "--superlink", superlink, "--host", host, "--port", str(port),
-               "--isolation", isolation, "--node-config", f'data-path="{data_path}"']
+def supernode_command(
+    superlink: str,
+    data_path: str,
+    certs: Certificates | None,
+    isolation: str,
+    host: str = "0.0.0.0",
+    port: int = SUPERNODE_PORT,
+) -> list[str]:
+    command = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--isolation",
+        isolation,
+        "--node-config",
+        f'data-path="{data_path}"',
+    ]
     command += ["--insecure"] if certs is None else ["--root-certificates", str(certs.ca)]
     return command
 
@@ -116,8 +184,12 @@ def split_nodes(dataset: Dataset, nodes: int, out: Path) -> list[Path]:
     folders = []
     for index, users in enumerate(np.array_split(np.arange(dataset.num_users), nodes), start=1):
         part = Dataset(
-            dataset.name, [dataset.sequences[u] for u in users], [dataset.user_ids[u] for u in users],
-            dataset.item_ids, dataset.titles, dataset.categories,
+            dataset.name,
+            [dataset.sequences[u] for u in users],
+            [dataset.user_ids[u] for u in users],
+            dataset.item_ids,
+            dataset.titles,
+            dataset.categories,
         )
         folders.append(write_folder(part, out / f"node-{index}"))
     catalog = Dataset(dataset.name, [], [], dataset.item_ids, dataset.titles, dataset.categories)
@@ -149,14 +221,20 @@ class LoopbackDeployment:
         return flower_env(FLWR_HOME=str(home))
 
     def _start(self, name: str, command: list[str]) -> None:
-        log_file = open(self.workdir / f"{name}.log", "w")
+        log_file = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 -- the process's stdout while it runs
         self.processes.append(subprocess.Popen(command, env=self._env(name), stdout=log_file, stderr=subprocess.STDOUT))
 
     def __enter__(self) -> LoopbackDeployment:
         self._start("superlink", superlink_command(self.certs, "subprocess", host="127.0.0.1", port=self.port))
         for i, path in enumerate(self.data_paths, start=1):
-            command = supernode_command(f"127.0.0.1:{self.port}", str(path.resolve()), self.certs, "subprocess",
-                                        host="127.0.0.1", port=free_port())
+            command = supernode_command(
+                f"127.0.0.1:{self.port}",
+                str(path.resolve()),
+                self.certs,
+                "subprocess",
+                host="127.0.0.1",
+                port=free_port(),
+            )
             self._start(f"supernode-{i}", command)
         self._wait_healthy()
         return self
@@ -180,21 +258,34 @@ class LoopbackDeployment:
     def run(self, app_dir: Path, run_config: str, timeout: float = 900.0) -> str:
         """Submit the app, follow it to the end, return its final status."""
         cli_env = self._env("cli")
-        connection = [f"[superlink]\ndefault = \"loopback\"\n[superlink.loopback]\naddress = \"127.0.0.1:{self.port}\""]
+        connection = [f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"']
         connection.append(f'root-certificates = "{self.certs.ca}"' if self.certs else "insecure = true")
         (Path(cli_env["FLWR_HOME"]) / "config.toml").write_text("\n".join(connection) + "\n")
         submitted = subprocess.run(
             ["flwr", "run", str(app_dir), "loopback", "--format", "json", "--run-config", run_config],
-            env=cli_env, capture_output=True, text=True, timeout=300,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if submitted.returncode != 0:
             raise LumosError(f"flwr run failed: {submitted.stderr.strip()[-500:]}")
         run_id = str(json.loads(submitted.stdout)["run-id"])
         with open(self.workdir / "run.log", "w") as run_log:
-            subprocess.run(["flwr", "log", run_id, "loopback", "--stream"], env=cli_env, stdout=run_log,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-        listed = subprocess.run(["flwr", "list", "loopback", "--run-id", run_id, "--format", "json"],
-                                env=cli_env, capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                ["flwr", "log", run_id, "loopback", "--stream"],
+                env=cli_env,
+                stdout=run_log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        listed = subprocess.run(
+            ["flwr", "list", "loopback", "--run-id", run_id, "--format", "json"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return json.loads(listed.stdout)["runs"][0]["status"]
 
     def __exit__(self, *exc: object) -> None:

@@ -1,42 +1,45 @@
 """One entry point for every named method (DESIGN.md §5): ``lumos run --method NAME``.
 
-* ``centralized-sasrec``: one SASRec on every user's data (:mod:`lumosrec.centralized`);
+* ``centralized-sasrec``: one SASRec on every user's data (:mod:`lumosrec.launch.centralized`);
 * ``centralized-cl4srec``: the same with CL4SRec's augmentation contrast;
-* ``sracl``: the same with SRA-CL's semantic-retrieval contrast (:mod:`models.sracl`);
-* ``local-sasrec``: one SASRec per client, no federation (:mod:`lumosrec.local`);
+* ``sracl``: the same with SRA-CL's semantic-retrieval contrast (:mod:`lumosrec.models.sracl`);
+* ``local-sasrec``: one SASRec per client, no federation (:mod:`lumosrec.launch.local`);
 * ``fedavg-sasrec``: the Flower app with ``objective = "sasrec"``;
 * ``fed-cl4srec``: the Flower app with ``objective = "cl4srec"`` (random crop/mask/reorder views);
 * ``lumos``: the Flower app with ``objective = "lumos"`` (on-device LLM views).
 
 Every method of a comparison gets the same :class:`Budget`, the same split, model sizes and
 evaluation. Federated methods run the real ServerApp and ClientApp, in this process
-(:mod:`lumosrec.inprocess`, the default: same arithmetic, no Ray) or on Flower's Ray
+(:mod:`lumosrec.launch.inprocess`, the default: same arithmetic, no Ray) or on Flower's Ray
 simulation (``engine="flower"``). A run whose folder already holds ``result.json`` is not run
 again, and an interrupted federated run resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from augment.client_views import ViewSettings, prefill_views, views_source
-from augment.runtime import RuntimeConfig
-from augment.semantic import SemanticConfig
-from lumosrec.errors import ConfigError
-from lumosrec.federated import check_run_config, default_run_config, run_data
-from lumosrec.results import write_json
+from lumosrec.augment.runtime import RuntimeConfig
+from lumosrec.augment.semantic import SemanticConfig
+from lumosrec.client.objectives import FEDERATED_METHODS, OBJECTIVES, objective_for
+from lumosrec.core.data import run_data
+from lumosrec.core.errors import ConfigError
+from lumosrec.core.results import read_result, write_json
+from lumosrec.core.runconfig import MODEL_KEYS
+from lumosrec.core.training import TrainConfig
+from lumosrec.launch.app import check_run_config, default_run_config
+from lumosrec.launch.centralized import CENTRALIZED_METHODS, run_centralized
+from lumosrec.launch.inprocess import run_in_process
+from lumosrec.launch.local import METHOD as LOCAL
+from lumosrec.launch.local import run_local
+from lumosrec.launch.simulate import simulate
 
 log = logging.getLogger(__name__)
 
-CENTRALIZED = ("centralized-sasrec", "centralized-cl4srec", "sracl")
-LOCAL = "local-sasrec"
-#: federated method -> the ClientApp's objective
-FEDERATED = {"fedavg-sasrec": "sasrec", "fed-cl4srec": "cl4srec", "lumos": "lumos"}
-METHODS = (*CENTRALIZED, LOCAL, *FEDERATED)
+METHODS = (*CENTRALIZED_METHODS, LOCAL, *FEDERATED_METHODS)
 ENGINES = ("inprocess", "flower")
 
 
@@ -69,14 +72,22 @@ class Budget:
         return max(1, round(self.rounds * self.fraction_train * self.local_epochs))
 
 
-def run_method(method: str, data: str, out: str | Path, seed: int = 2024, budget: Budget = Budget(),
-               run_config: Mapping[str, object] | None = None, engine: str = "inprocess",
-               progress: bool = True, sracl: SRACLSettings | None = None) -> dict:
+def run_method(
+    method: str,
+    data: str,
+    out: str | Path,
+    seed: int = 2024,
+    budget: Budget = Budget(),
+    run_config: Mapping[str, object] | None = None,
+    engine: str = "inprocess",
+    progress: bool = True,
+    sracl: SRACLSettings | None = None,
+) -> dict:
     """Run ``method`` on ``data`` into ``out`` and return its ``result.json`` payload.
 
     ``run_config`` holds further ``[tool.flwr.app.config]`` values (``sample-users``, model
     sizes, LUMOS's weights, ``views``, ...); centralized methods use its model sizes and
-    sample, and train with their own optimizer (Adam, as in :mod:`lumosrec.centralized`).
+    sample, and train with their own optimizer (Adam, as in :mod:`lumosrec.launch.centralized`).
     ``sracl`` configures the ``sracl`` method (its defaults otherwise).
     """
     if method not in METHODS:
@@ -86,44 +97,55 @@ def run_method(method: str, data: str, out: str | Path, seed: int = 2024, budget
     out = Path(out).resolve()
     if (out / "result.json").is_file():
         log.info("%s: already finished, reusing %s", method, out / "result.json")
-        return json.loads((out / "result.json").read_text())
+        return read_result(out / "result.json")
     config = {**(run_config or {}), "data": data, "seed": seed, "out-dir": str(out)}
-    if method in CENTRALIZED:
+    if method in CENTRALIZED_METHODS:
         return _centralized(method, config, budget, progress, sracl or SRACLSettings())
     if method == LOCAL:
-        from lumosrec.local import run_local
-
         return run_local(config, budget.epochs, progress)
-    config.update({"objective": FEDERATED[method], "num-server-rounds": budget.rounds,
-                   "fraction-train": budget.fraction_train, "local-epochs": budget.local_epochs, "resume": True})
+    config.update(
+        {
+            "objective": FEDERATED_METHODS[method],
+            "num-server-rounds": budget.rounds,
+            "fraction-train": budget.fraction_train,
+            "local-epochs": budget.local_epochs,
+            "resume": True,
+        }
+    )
     merged = check_run_config(config, default_run_config())
-    prefill_views(merged, progress)
-    if engine == "flower":
-        from lumosrec.simulate import simulate
-
-        result = simulate(config, progress=progress)
-    else:
-        from lumosrec.inprocess import run_in_process
-
-        result = run_in_process(config)
-    if merged["objective"] == "lumos":
-        result["views"] = views_source(run_data(merged), ViewSettings.from_config(merged, {}))
+    objective = objective_for(merged)
+    objective.prepare_ahead(merged, progress)
+    result = simulate(config, progress=progress) if engine == "flower" else run_in_process(config)
+    details = objective.result_details(merged)
+    if details:
+        result.update(details)
         write_json(out / "result.json", result)
     return result
 
 
 def _centralized(method: str, config: Mapping, budget: Budget, progress: bool, sracl: SRACLSettings) -> dict:
-    from lumosrec.centralized import run_centralized
-    from lumosrec.federated import MODEL_KEYS
-    from lumosrec.training import TrainConfig
-
     run = check_run_config(config, default_run_config())
     hyper = {field: run[key] for key, field in MODEL_KEYS.items() if key != "max-len"}
-    if method == "centralized-cl4srec":
-        hyper.update(cl_weight=run["cl-weight"], temperature=run["cl-temperature"])
+    model = CENTRALIZED_METHODS[method]
+    if model in OBJECTIVES:  # the same hyper-parameters as its federated objective (cl-weight, ...)
+        hyper.update(OBJECTIVES[model].hyper(run))
     if method == "sracl":
         hyper.update(sracl.hyper)
-    train = TrainConfig(epochs=budget.epochs, patience=budget.epochs, max_len=int(run["max-len"]),
-                        seed=int(run["seed"]), device=str(run["device"]))
-    return run_centralized(method, run_data(run), str(run["out-dir"]), train, hyper, overwrite=True,
-                           progress=progress, semantic=sracl.semantic, runtime=sracl.runtime)
+    train = TrainConfig(
+        epochs=budget.epochs,
+        patience=budget.epochs,
+        max_len=int(run["max-len"]),
+        seed=int(run["seed"]),
+        device=str(run["device"]),
+    )
+    return run_centralized(
+        method,
+        run_data(run),
+        str(run["out-dir"]),
+        train,
+        hyper,
+        overwrite=True,
+        progress=progress,
+        semantic=sracl.semantic,
+        runtime=sracl.runtime,
+    )

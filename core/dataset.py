@@ -11,7 +11,7 @@ Users are ordered by time (ties keep file order), items are re-indexed ``1..N`` 
 order of their original ids (``0`` is padding) — every item of ``items.csv`` when there is
 one, so that nodes holding different users agree on the index — and users with fewer than
 :data:`MIN_INTERACTIONS` interactions are dropped and reported. Every malformed input
-raises :class:`~lumosrec.errors.DataError` naming the file, line and column.
+raises :class:`lumosrec.core.errors.DataError` naming the file, line and column.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lumosrec.errors import DataError
+from lumosrec.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def load_dataset(path: str | Path, items_path: str | Path | None = None) -> Data
 
 def _open_csv(path: Path, expected: tuple[str, ...]) -> tuple:
     """Open a CSV, check its header and return (reader, handle, column positions)."""
-    handle = open(path, newline="", encoding="utf-8")
+    handle = open(path, newline="", encoding="utf-8")  # noqa: SIM115 -- the caller closes it
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None:
@@ -274,15 +274,11 @@ def _index(
         for events in user_items.values():
             for _, line, item in events:
                 if item not in text.titles:
-                    raise DataError(
-                        f"{source} line {line}: item {item} is not in {items_path}"
-                    )
+                    raise DataError(f"{source} line {line}: item {item} is not in {items_path}")
     dropped = {u: len(e) for u, e in user_items.items() if len(e) < MIN_INTERACTIONS}
     kept = {u: sorted(e) for u, e in user_items.items() if len(e) >= MIN_INTERACTIONS}
     if dropped:
-        log.warning(
-            "%s: dropped %d user(s) with fewer than %d interactions", name, len(dropped), MIN_INTERACTIONS
-        )
+        log.warning("%s: dropped %d user(s) with fewer than %d interactions", name, len(dropped), MIN_INTERACTIONS)
     if not kept:
         raise DataError(f"{name}: no user has at least {MIN_INTERACTIONS} interactions")
     # The catalog is public and shared by every federated node, so when it is known it fixes
@@ -294,7 +290,7 @@ def _index(
     sequences = [np.array([index[item] for _, _, item in kept[u]], dtype=np.int64) for u in users]
     titles = [""] + [text.titles.get(i, "") if text else "" for i in item_ids]
     categories = [()] + [text.categories.get(i, ()) if text else () for i in item_ids]
-    return Dataset(name, sequences, users, [""] + item_ids, titles, categories, dropped)
+    return Dataset(name, sequences, users, ["", *item_ids], titles, categories, dropped)
 
 
 def catalog_size(path: str | Path) -> int:

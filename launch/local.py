@@ -3,7 +3,7 @@
 The lower bound a federation must beat. Each node of the run's partition (one user by default)
 starts from the same initial weights as the federation's global model, trains with the
 client's local optimizer settings for ``epochs`` epochs (the budget a federated client gets
-in expectation, see :class:`lumosrec.experiment.Budget`), and ranks its users' validation and
+in expectation, see :class:`lumosrec.launch.experiment.Budget`), and ranks its users' validation and
 test items with its own model. The rank histograms are summed over nodes, as a federated
 evaluation does, and written in the ``result.json`` schema.
 """
@@ -20,11 +20,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lumosrec.batching import PrefixSamples
-from lumosrec.evaluation import PROTOCOLS, STAGES, RankCounts, rank_counts
-from lumosrec.federated import build_model, check_run_config, default_num_nodes, default_run_config, node_data, run_data
-from lumosrec.results import RunDirectory, peak_rss_mb
-from lumosrec.training import pick_device, seed_everything, train_epochs
+from lumosrec.client.client_app import local_optimizer
+from lumosrec.core.batching import PrefixSamples
+from lumosrec.core.data import node_data, run_data
+from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts, rank_counts
+from lumosrec.core.results import RunDirectory, peak_rss_mb
+from lumosrec.core.runconfig import model_sizes
+from lumosrec.core.training import pick_device, seed_everything, train_epochs
+from lumosrec.launch.app import check_run_config, default_num_nodes, default_run_config
+from lumosrec.models.factory import build_model
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +41,14 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
     ``overrides`` are run-config values as for a federated run (``data``, ``out-dir``,
     ``users-per-client``, ``learning-rate``, ``client-optimizer``, ``seed``, ...).
     """
-    from client.client_app import local_optimizer
-
     run = check_run_config(overrides, default_run_config())
     dataset = run_data(run)
     run_dir = RunDirectory(Path(str(run["out-dir"])), overwrite=True)
     num_nodes = default_num_nodes(run)
-    run_dir.write_config({"strategy": METHOD, "run_config": dict(run), "nodes": num_nodes, "epochs": epochs})
+    run_dir.write_config({"method": METHOD, "run_config": dict(run), "nodes": num_nodes, "epochs": epochs})
     device = pick_device(str(run["device"]))
     seed_everything(int(run["seed"]))
-    model = build_model(run, dataset.num_items).to(device)
+    model = build_model("sasrec", dataset.num_items, **model_sizes(run)).to(device)
     initial = copy.deepcopy(model.state_dict())
     counts = {(stage, protocol): RankCounts.empty() for stage in STAGES for protocol in PROTOCOLS}
     started = time.perf_counter()
@@ -56,8 +58,16 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
         rng = np.random.default_rng([int(run["seed"]), node])
         torch.manual_seed(int(rng.integers(2**31)))
         samples = PrefixSamples(data.split.train, int(run["max-len"]))
-        train_epochs(model, local_optimizer(model, run), samples, epochs, int(run["batch-size"]), rng, device,
-                     max_grad_norm=float(run["max-grad-norm"]))
+        train_epochs(
+            model,
+            local_optimizer(model, run),
+            samples,
+            epochs,
+            int(run["batch-size"]),
+            rng,
+            device,
+            max_grad_norm=float(run["max-grad-norm"]),
+        )
         for stage in STAGES:
             for protocol, count in rank_counts(model, data.split, stage, int(run["max-len"]), device=device).items():
                 counts[stage, protocol] = counts[stage, protocol] + count
@@ -65,8 +75,17 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
     metrics = {stage: {protocol: counts[stage, protocol].metrics() for protocol in PROTOCOLS} for stage in STAGES}
     run_dir.log_metrics({"round": 1, "epochs": epochs, "round_seconds": seconds, **metrics})
     log.info("%s: %d nodes, %d epochs each, %.0f s", METHOD, num_nodes, epochs, seconds)
-    return run_dir.write_result({
-        "strategy": METHOD, "dataset": dataset.name, "seed": int(run["seed"]), "epochs": epochs,
-        "best_epoch": epochs, "seconds_per_epoch": seconds / max(epochs, 1), "peak_rss_mb": peak_rss_mb(),
-        "valid": metrics["valid"], "test": metrics["test"], "final_test": metrics["test"],
-    })
+    return run_dir.write_result(
+        {
+            "method": METHOD,
+            "dataset": dataset.name,
+            "seed": int(run["seed"]),
+            "epochs": epochs,
+            "best_epoch": epochs,
+            "seconds_per_epoch": seconds / max(epochs, 1),
+            "peak_rss_mb": peak_rss_mb(),
+            "valid": metrics["valid"],
+            "test": metrics["test"],
+            "final_test": metrics["test"],
+        }
+    )

@@ -1,0 +1,83 @@
+"""``lumos``: LUMOS's tri-view contrast over the node's own views (:mod:`lumosrec.models.lumos`).
+
+Per node and round: the client-private projection head is restored from ``context.state``
+(a fresh one on the node's first round: the process-wide cached model may hold another
+virtual client's head), and the views of the node's users are read from its cache or made
+(:func:`lumosrec.augment.client_views.client_views`); after training the head goes back to
+``context.state``. Neither ever leaves the node. Before a simulation, the launcher makes every
+user's views in one process (:meth:`LUMOSObjective.prepare_ahead`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Context
+
+from lumosrec.augment.client_views import ViewSettings, client_views, views_source
+from lumosrec.augment.generate import generate_views
+from lumosrec.augment.runtime import RuntimeConfig
+from lumosrec.augment.views import MODES
+from lumosrec.client.objectives.base import Objective
+from lumosrec.core.data import NodeData, run_data
+from lumosrec.models.lumos import LUMOS, UserViews
+
+#: where ``context.state`` keeps the projection head
+PRIVATE_KEY = "private-parameters"
+
+
+class LUMOSObjective(Objective):
+    name = "lumos"
+    model = "lumos"
+    hyper_keys = {
+        "lumos-lambda-future": "lambda_future",
+        "lumos-lambda-paraphrase": "lambda_paraphrase",
+        "lumos-tau": "tau",
+        "lumos-counterfactual": "use_counterfactual",
+        "lumos-contrastive-rows": "contrastive_rows",
+    }
+    setting_keys = ("views", "views-dir", "views-model", "views-backend", "views-items")
+    choices = {"views": MODES}
+    neutral_keys = ("views-dir", "views-backend")
+
+    def method_name(self, strategy: str) -> str:
+        return "lumos" if strategy == "fedavg" else f"lumos-{strategy}"
+
+    def prepare(self, model: LUMOS, node: NodeData, context: Context, rng: np.random.Generator) -> dict[str, object]:
+        restore_private(model, context)
+        settings = ViewSettings.from_config(context.run_config, context.node_config)
+        embeddings = model.item_embedding.weight.detach().cpu().numpy()
+        views = client_views(node.dataset, node.users.tolist(), node.split.train, settings, embeddings)
+        return {"views": UserViews(views)}
+
+    def keep_private(self, model: LUMOS, context: Context) -> None:
+        context.state.array_records[PRIVATE_KEY] = ArrayRecord(model.private_state_dict())
+
+    def result_details(self, run_config: Mapping) -> dict:
+        """Where the views came from: ``llm``, ``retrieval:text`` or ``retrieval:model-embeddings``."""
+        return {"views": views_source(run_data(run_config), ViewSettings.from_config(run_config, {}))}
+
+    def prepare_ahead(self, run_config: Mapping, progress: bool = True) -> dict | None:
+        """Every user's views, made in the launching process so that clients only read their
+        cache; None for catalogs without text (their views follow the received model)."""
+        dataset = run_data(run_config)
+        if not dataset.has_text:
+            return None
+        settings = ViewSettings.from_config(run_config, {})
+        return generate_views(
+            dataset,
+            settings.cache_path(dataset.name).parent,
+            settings.view_config(),
+            RuntimeConfig(model=settings.model, backend=settings.backend),
+            encoder_name=settings.encoder,
+            progress=progress,
+        )
+
+
+def restore_private(model: LUMOS, context: Context) -> None:
+    """This node's projection head from its state; a fresh one on its first round."""
+    if PRIVATE_KEY in context.state.array_records:
+        model.projection.load_state_dict(context.state.array_records[PRIVATE_KEY].to_torch_state_dict())
+    else:
+        model.reset_private_parameters()

@@ -1,0 +1,79 @@
+"""The Flower app seen from the launchers: its folder, its run config checked, Flower's commands.
+
+Every knob lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (so ``flwr run .
+--run-config "..."`` overrides it); :func:`default_run_config` reads the same table for code
+that runs the app outside ``flwr run`` (``lumos simulate``, ``lumos run``, the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from lumosrec.client.client_app import OPTIMIZERS
+from lumosrec.client.objectives import choices as objective_choices
+from lumosrec.core.data import run_data
+from lumosrec.core.errors import ConfigError
+from lumosrec.server.strategies import STRATEGIES
+
+#: the Flower app's folder: the source checkout that holds its ``pyproject.toml``
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """Environment for Flower's commands: this Python's scripts first on ``PATH`` (Flower
+    starts ``flower-superlink`` & co. by name), no telemetry, no run-time dependency installs."""
+    scripts = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **extra,
+    }
+    if shutil.which("flwr", path=env["PATH"]) is None:
+        raise ConfigError("flwr not found; install Flower: pip install 'flwr[simulation]==1.41.0'")
+    return env
+
+
+def default_run_config(app_dir: Path = APP_DIR) -> dict:
+    """The ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``."""
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(f"{pyproject} not found: the Flower app needs the Lumos source checkout")
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
+    """``defaults`` updated with ``run_config``; unknown keys and values are one-line errors."""
+    unknown = sorted(set(run_config) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {', '.join(unknown)}; see [tool.flwr.app.config] in pyproject.toml"
+        )
+    merged = {**defaults, **run_config}
+    for key, allowed in {"client-optimizer": OPTIMIZERS, **objective_choices()}.items():
+        if merged[key] not in allowed:
+            raise ConfigError(f"run config {key}={merged[key]!r}: choose one of {', '.join(allowed)}")
+    if str(merged["strategy"]).lower() not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
+    return merged
+
+
+def default_num_nodes(run_config: Mapping) -> int:
+    """One node per ``users-per-client`` users of the run's dataset."""
+    return math.ceil(run_data(run_config).num_users / int(run_config["users-per-client"]))

@@ -1,0 +1,51 @@
+"""Results tables across seeds: where runs live, their summaries, gains with a noise check.
+
+Shared by the experiment runners (``experiments/table_main.py``, ``experiments/table_sracl.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+#: the test metrics the tables show, under the default protocol
+MAIN_METRICS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
+PROTOCOL = "unmasked"
+#: datasets the tables run on a fixed user subset (LLM time on CPU), the same for every method
+SAMPLED_FOR_LLM = ("amazon-beauty",)
+
+
+def slug(label: str) -> str:
+    """A row label as a folder and command-line name: ``sracl w/o user CL`` -> ``sracl-wo-user-CL``."""
+    return label.replace(" ", "-").replace("/", "").replace("--", "-")
+
+
+def run_folder(out: Path, dataset: str, label: str, seed: int) -> Path:
+    """``<out>/<dataset>/<label>/seed<k>``: one run of a table."""
+    return out / dataset / slug(label) / f"seed{seed}"
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation over seeds of each test metric."""
+    summary = {}
+    for metric in MAIN_METRICS:
+        values = [run["result"]["test"][PROTOCOL][metric] for run in runs]
+        summary[metric] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+        }
+    return summary
+
+
+def gain(method: dict, baseline: dict) -> dict[str, float | bool]:
+    """Relative gain of the means, and whether the difference exceeds twice its standard error."""
+    mean, base = method["mean"], baseline["mean"]
+    error = math.sqrt(method["std"] ** 2 / method["n"] + baseline["std"] ** 2 / baseline["n"])
+    return {"relative": mean / base - 1 if base else math.nan, "beyond_noise": abs(mean - base) > 2 * error > 0}
+
+
+def cell(summary: dict) -> str:
+    """``mean ± std`` of one summary."""
+    return f"{summary['mean']:.4f} ± {summary['std']:.4f}"

@@ -1,1 +1,0 @@
-"""Lumos core: data, split, evaluation, the training loop, results and the CLI."""
