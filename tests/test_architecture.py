@@ -95,10 +95,10 @@ def import_graph() -> tuple[dict[str, set[str]], list[str]]:
             where = f"{path.relative_to(ROOT)}:{line}"
             if target not in known:
                 wrong.append(f"{where} imports {target}: an old top-level name, use lumosrec.*")
-            elif floor_of(target) > floor_of(module):
+                continue
+            if floor_of(target) > floor_of(module):
                 wrong.append(f"{where} imports {target}, a floor up ({floor_of(module)} -> {floor_of(target)})")
-            else:
-                graph[module].add(target)
+            graph[module].add(target)
     return graph, wrong
 
 

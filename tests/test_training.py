@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from lumosrec.core.dataset import load_dataset
-from lumosrec.core.results import RESULT_KEYS
+from lumosrec.core.results import RESULT_KEYS, read_result
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.core.training import TrainConfig
 from lumosrec.launch.centralized import run_centralized
 from lumosrec.launch.cli import main
+from lumosrec.launch.experiment import run_method
 
 SMALL = SyntheticConfig(num_users=500, seed=7)
 
@@ -144,3 +145,24 @@ def test_gradient_clipping_bounds_each_local_step(max_grad_norm: float) -> None:
         assert step <= rate * max_grad_norm * 1.0001  # one batch, one SGD step of a clipped gradient
     else:
         assert step > rate * 1e-3 * 10
+
+
+def test_the_old_strategy_flag_still_trains_with_a_deprecation_line(tmp_path: Path, capsys) -> None:
+    data = write_folder(generate(SyntheticConfig(num_users=40, seed=3)), tmp_path / "data")
+    common = ["train", "--data", str(data), "--epochs", "1", "--hidden-size", "16", "--inner-size", "32", "--quiet"]
+    assert main([*common, "--strategy", "centralized-sasrec", "--out", str(tmp_path / "old")]) == 0
+    assert "`lumos train --strategy` is deprecated, use --method" in capsys.readouterr().err
+    assert read_result(tmp_path / "old" / "result.json")["method"] == "centralized-sasrec"
+    assert main([*common, "--strategy", "sracl", "--method", "centralized-sasrec", "--out", str(tmp_path / "x")]) == 2
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_a_result_written_before_methods_had_their_name_is_reused(tmp_path: Path) -> None:
+    legacy = {"strategy": "fedavg-sasrec", "dataset": "synthetic", "seed": 1, "test": {}}
+    (tmp_path / "result.json").write_text(json.dumps(legacy))
+    assert read_result(tmp_path / "result.json") == {
+        "method": "fedavg-sasrec",
+        **{k: v for k, v in legacy.items() if k != "strategy"},
+    }
+    # a finished run is reused by the method runner, whatever its age
+    assert run_method("fedavg-sasrec", "synthetic", tmp_path, seed=1)["method"] == "fedavg-sasrec"
