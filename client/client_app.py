@@ -23,7 +23,7 @@ from lumosrec.client.objectives import OBJECTIVES, Objective, objective_for
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import NodeData, node_data
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, rank_counts
-from lumosrec.core.runconfig import MODEL_KEYS
+from lumosrec.core.runconfig import MODEL_KEYS, cohort_size
 from lumosrec.core.training import pick_device, train_epochs
 from lumosrec.models.sasrec import SASRec
 
@@ -102,38 +102,102 @@ def local_optimizer(model: torch.nn.Module, run) -> torch.optim.Optimizer:
     raise ValueError(f"unknown client-optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def _stream(context: Context) -> int:
+    """The node's random stream: its partition's number in a simulation (so that a run repeats
+    whatever ids Flower gives its nodes; with one user per node, the user's number), its node id
+    in a deployment."""
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"]) + 1
+    return int(context.node_id) % 2**32
+
+
+def _local_training(
+    model: SASRec,
+    objective: Objective,
+    data: NodeData,
+    context: Context,
+    config: ConfigRecord,
+    stream: int,
+    owner: str = "",
+) -> tuple[float, int, int]:
+    """Train ``model`` (holding the received weights) on ``data``'s users for ``local-epochs``
+    epochs with a fresh optimizer; returns (mean loss, examples, samples seen). ``stream`` seeds
+    the shuffling, the objective's draws and dropout; ``owner`` names whose private parameters
+    the objective restores and keeps ("" for the node's own)."""
+    run = context.run_config
+    rng = np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0))])
+    torch.manual_seed(int(rng.integers(2**31)))
+    loss_inputs = objective.prepare(model, data, context, rng, owner)
+    samples = PrefixSamples(data.split.train, int(run["max-len"]))
+    mu = float(config.get("proximal-mu", 0.0))
+    loss, seen = train_epochs(
+        model,
+        local_optimizer(model, run),
+        samples,
+        int(run["local-epochs"]),
+        int(run["batch-size"]),
+        rng,
+        next(model.parameters()).device,
+        regularizer=_proximal_term(model, mu) if mu > 0 else None,
+        max_grad_norm=float(run["max-grad-norm"]),
+        loss_inputs=loss_inputs,
+    )
+    objective.keep_private(model, context, owner)
+    return loss, len(samples), seen
+
+
+def _train_cohort(
+    model: SASRec,
+    objective: Objective,
+    data: NodeData,
+    context: Context,
+    config: ConfigRecord,
+    received: dict[str, torch.Tensor],
+) -> RecordDict:
+    """Train each of the round's users that this cohort holds on its own, from the received
+    weights, exactly as a one-user node would, and reply with their example-weighted mean."""
+    chosen = set(int(user) for user in config["train-users"])
+    total: dict[str, torch.Tensor] = {}
+    loss_sum, examples, seen = 0.0, 0, 0
+    for position, user in enumerate(data.users.tolist()):
+        if user not in chosen:
+            continue
+        model.load_shared_state_dict(received)
+        alone = NodeData(data.dataset, data.users[position : position + 1], data.split.subset([position]))
+        loss, count, visited = _local_training(
+            model, objective, alone, context, config, user + 1, str(data.dataset.user_ids[user])
+        )
+        if count == 0:
+            continue
+        for key, value in model.shared_state_dict().items():
+            total[key] = total[key] + count * value.detach() if key in total else count * value.detach().clone()
+        loss_sum, examples, seen = loss_sum + loss * count, examples + count, seen + visited
+    if examples == 0:  # no user of this cohort was drawn (or none has a training sample)
+        return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+    mean = {key: (value / examples).cpu() for key, value in total.items()}
+    metrics = MetricRecord({"train-loss": loss_sum / examples, "num-examples": examples, "samples-seen": seen})
+    return RecordDict({"arrays": ArrayRecord(mean), "metrics": metrics})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this node's users for ``local-epochs`` epochs."""
+    """Train the received global model on this node's users for ``local-epochs`` epochs: jointly
+    (a silo, one user by default), or each of the round's drawn users on its own (a cohort)."""
     config, run = msg.content["config"], context.run_config
     data = _node(context)
     device = _device(run)
     objective = objective_for(run)
     model = _received_model(msg, context, data.num_items, device, objective)
-    mu = float(config.get("proximal-mu", 0.0))
     state = _client_state(context)
-    server_round = int(config.get("server-round", 0))
-    rng = np.random.default_rng([int(run["seed"]), int(context.node_id) % 2**32, server_round])
-    torch.manual_seed(int(rng.integers(2**31)))
-    loss_inputs = objective.prepare(model, data, context, rng)
-    samples = PrefixSamples(data.split.train, int(run["max-len"]))
-    optimizer = local_optimizer(model, run)
-    loss, seen = train_epochs(
-        model,
-        optimizer,
-        samples,
-        int(run["local-epochs"]),
-        int(run["batch-size"]),
-        rng,
-        device,
-        regularizer=_proximal_term(model, mu) if mu > 0 else None,
-        max_grad_norm=float(run["max-grad-norm"]),
-        loss_inputs=loss_inputs,
-    )
+    if cohort_size(run):
+        received = msg.content["arrays"].to_torch_state_dict()
+        content = _train_cohort(model, objective, data, context, config, received)
+    else:
+        loss, examples, seen = _local_training(model, objective, data, context, config, _stream(context))
+        metrics = MetricRecord({"train-loss": loss, "num-examples": examples, "samples-seen": seen})
+        content = RecordDict({"arrays": ArrayRecord(model.shared_state_dict()), "metrics": metrics})
     state["rounds-trained"] = int(state["rounds-trained"]) + 1
-    objective.keep_private(model, context)
-    metrics = MetricRecord({"train-loss": loss, "num-examples": len(samples), "samples-seen": seen})
-    return Message(RecordDict({"arrays": ArrayRecord(model.shared_state_dict()), "metrics": metrics}), reply_to=msg)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

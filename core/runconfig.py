@@ -55,6 +55,12 @@ def format_run_config(values: Mapping) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
+def cohort_size(run_config: Mapping) -> int:
+    """Users per cohort node: each trained on its own, as a one-user node would (0: off, nodes are
+    silos whose users train jointly, one user each by default)."""
+    return int(run_config.get("cohort-size", 0))
+
+
 def model_sizes(run_config: Mapping) -> dict:
     """The backbone's hyper-parameters set by the run config (the others keep their defaults)."""
     return {field: run_config[key] for key, field in MODEL_KEYS.items() if key in run_config}

@@ -20,7 +20,8 @@ from lumosrec.client.client_app import OPTIMIZERS
 from lumosrec.client.objectives import choices as objective_choices
 from lumosrec.core.data import run_data
 from lumosrec.core.errors import ConfigError
-from lumosrec.server.strategies import STRATEGIES
+from lumosrec.core.runconfig import cohort_size
+from lumosrec.server.strategies import STRATEGIES, cohort_refusal
 
 #: the Flower app's folder: the source checkout that holds its ``pyproject.toml``
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -71,9 +72,14 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
             raise ConfigError(f"run config {key}={merged[key]!r}: choose one of {', '.join(allowed)}")
     if str(merged["strategy"]).lower() not in STRATEGIES:
         raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
+    if cohort_size(merged) < 0:
+        raise ConfigError("cohort-size must be 0 (off) or the number of users a cohort node holds")
+    refusal = cohort_refusal(merged)
+    if refusal:
+        raise ConfigError(refusal)
     return merged
 
 
 def default_num_nodes(run_config: Mapping) -> int:
-    """One node per ``users-per-client`` users of the run's dataset."""
-    return math.ceil(run_data(run_config).num_users / int(run_config["users-per-client"]))
+    """One node per cohort (``cohort-size`` users) or per silo (``users-per-client`` users)."""
+    return math.ceil(run_data(run_config).num_users / (cohort_size(run_config) or int(run_config["users-per-client"])))

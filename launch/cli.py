@@ -208,12 +208,17 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
         choices=tuple(OBJECTIVES),
         help="local objective: sasrec (FedAvg-SASRec), cl4srec (Fed-CL4SRec), lumos (LLM views)",
     )
-    parser.add_argument("--users-per-client", type=int, help="users grouped into one virtual client")
+    parser.add_argument("--users-per-client", type=int, help="users trained jointly by one virtual client (a silo)")
+    parser.add_argument(
+        "--cohort-size",
+        type=int,
+        help="users per node, each trained on its own as a one-user client would (faster per-user FedAvg)",
+    )
     parser.add_argument("--fraction-train", type=float, help="share of clients trained per round")
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--run-config", default="", help="more overrides, TOML-typed: 'lr=0.01 strategy=\"fedprox\"'")
-    parser.add_argument("--num-supernodes", type=int, help="default: users / users-per-client")
+    parser.add_argument("--num-supernodes", type=int, help="default: users / cohort-size or users-per-client")
     parser.add_argument("--ray-address", help="attach to a running Ray cluster (host:port)")
     parser.add_argument("--client-cpus", type=int, help="CPUs per virtual client (Flower default 2)")
     parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds before the run is abandoned")
@@ -233,6 +238,7 @@ def _simulate(args: argparse.Namespace) -> int:
         "strategy": args.strategy,
         "objective": args.objective,
         "users-per-client": args.users_per_client,
+        "cohort-size": args.cohort_size,
         "fraction-train": args.fraction_train,
         "local-epochs": args.local_epochs,
         "seed": args.seed,

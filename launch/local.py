@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts, rank_counts
 from lumosrec.core.results import RunDirectory, peak_rss_mb
 from lumosrec.core.runconfig import model_sizes
 from lumosrec.core.training import pick_device, seed_everything, train_epochs
-from lumosrec.launch.app import check_run_config, default_num_nodes, default_run_config
+from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.models.factory import build_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
     run = check_run_config(overrides, default_run_config())
     dataset = run_data(run)
     run_dir = RunDirectory(Path(str(run["out-dir"])), overwrite=True)
-    num_nodes = default_num_nodes(run)
+    # every client alone: a user, or a silo of users-per-client users (cohorts are a federation's speed-up)
+    num_nodes = math.ceil(dataset.num_users / int(run["users-per-client"]))
     run_dir.write_config({"method": METHOD, "run_config": dict(run), "nodes": num_nodes, "epochs": epochs})
     device = pick_device(str(run["device"]))
     seed_everything(int(run["seed"]))

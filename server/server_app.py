@@ -23,13 +23,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 from lumosrec.client.objectives import fingerprint_keys, method_name
 from lumosrec.core.data import run_data
 from lumosrec.core.dataset import catalog_size
+from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts
 from lumosrec.core.results import RunDirectory, peak_rss_mb
-from lumosrec.core.runconfig import model_sizes
+from lumosrec.core.runconfig import cohort_size, model_sizes
 from lumosrec.core.training import EARLY_STOPPING_METRIC, seed_everything
 from lumosrec.models.factory import build_model
 from lumosrec.server import checkpoint
-from lumosrec.server.strategies import build_strategy, strategy_is_linear, sum_metric_records
+from lumosrec.server.strategies import build_strategy, cohort_refusal, strategy_is_linear, sum_metric_records
 
 app = ServerApp()
 log = logging.getLogger("lumos.server")
@@ -58,7 +59,10 @@ FINGERPRINT_KEYS = (
 
 def fingerprint(run: Mapping) -> dict:
     """The run's settings that a checkpoint must have been written with to be resumed."""
-    return {key: run[key] for key in (*FINGERPRINT_KEYS, *fingerprint_keys()) if key in run}
+    found = {key: run[key] for key in (*FINGERPRINT_KEYS, *fingerprint_keys()) if key in run}
+    if cohort_size(run):  # only when on: checkpoints from before cohorts existed still resume
+        found["cohort-size"] = cohort_size(run)
+    return found
 
 
 def metrics_from_histograms(aggregated: Mapping) -> dict[str, dict[str, dict[str, float]]]:
@@ -80,21 +84,32 @@ def _chunks(messages, size: int):
         yield messages[start : start + size]
 
 
-def _train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping):
+def round_users(run: Mapping, server_round: int, num_users: int) -> list[int]:
+    """The users a cohort round trains: ``fraction-train`` of them (rounded, at least one), drawn
+    without replacement by a generator seeded with the run's seed and the round, so each user
+    trains with probability ``fraction-train`` whichever node holds it."""
+    count = max(1, round(float(run["fraction-train"]) * num_users))
+    drawn = np.random.default_rng([int(run["seed"]), server_round]).choice(num_users, size=count, replace=False)
+    return sorted(int(user) for user in drawn)
+
+
+def _train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping, config: ConfigRecord):
     """One training exchange; with linear strategies, in chunks of bounded memory.
 
     A weighted average of chunk averages (weighted by their example counts) is the weighted
     average of all updates, so chunking is exact for FedAvg-style aggregation while at most
     ``aggregation-chunk`` model replies are in memory at once (22k Beauty clients x 3.5 MB
     would not fit). Robust and DP strategies need every update and get them all at once.
+    A reply that trained nothing (a cohort none of whose users was drawn) carries no weight and
+    is left out.
     """
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    messages = list(strategy.configure_train(server_round, arrays, config, grid))
     size = int(run["aggregation-chunk"]) if strategy_is_linear(strategy) else 0
     replies, failures, aggregating = [], 0, 0.0
     for chunk in _chunks(messages, size):
         received = list(grid.send_and_receive(chunk, timeout=float(run["round-timeout"])))
         failures += sum(reply.has_error() for reply in received)
-        valid = [reply for reply in received if not reply.has_error()]
+        valid = [r for r in received if not r.has_error() and int(r.content["metrics"]["num-examples"]) > 0]
         started = time.perf_counter()
         replies.extend(valid if size == 0 or len(valid) <= 1 else [_pre_average(valid)])
         aggregating += time.perf_counter() - started
@@ -140,6 +155,9 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     else:
         dataset = run_data(run)
         dataset_name, num_items = dataset.name, dataset.num_items
+    refusal = cohort_refusal(run)
+    if refusal:
+        raise ConfigError(refusal)
     seed_everything(int(run["seed"]))
     model = build_model("sasrec", num_items, **model_sizes(run))
     num_nodes = len(list(grid.get_node_ids()))
@@ -159,8 +177,12 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     num_rounds = int(run["num-server-rounds"])
     for server_round in range(state.completed_rounds + 1, num_rounds + 1):
         started = time.perf_counter()
+        config, users = ConfigRecord(), None
+        if cohort_size(run):
+            users = round_users(run, server_round, run_data(run).num_users)
+            config["train-users"] = users
         aggregated, train_metrics, train_failures, sampled, aggregate_seconds = _train(
-            grid, strategy, server_round, arrays, run
+            grid, strategy, server_round, arrays, run, config
         )
         if aggregated is None:
             raise RuntimeError(f"round {server_round}: no client returned an update ({train_failures} failures)")
@@ -168,6 +190,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         row = {
             "round": server_round,
             "train_nodes": sampled,
+            **({"train_users": len(users)} if users is not None else {}),
             "train_failures": train_failures,
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
             "train_seconds": time.perf_counter() - started,

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import (
 )
 
 from lumosrec.core.errors import ConfigError
+from lumosrec.core.runconfig import cohort_size
 
 
 def sum_metric_records(contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -45,7 +46,8 @@ def sum_metric_records(contents: list[RecordDict], weight_key: str) -> MetricRec
 
 def _common(run_config: Mapping) -> dict:
     return {
-        "fraction_train": float(run_config["fraction-train"]),
+        # cohort nodes: every node gets the round's sampled users, the sampling is per user
+        "fraction_train": 1.0 if cohort_size(run_config) else float(run_config["fraction-train"]),
         "fraction_evaluate": float(run_config["fraction-evaluate"]),
         "min_train_nodes": int(run_config["min-nodes"]),
         "min_evaluate_nodes": int(run_config["min-nodes"]),
@@ -74,10 +76,35 @@ STRATEGIES: dict[str, Callable[[Mapping], Strategy]] = {
 }
 
 
+#: strategies whose aggregation is a weighted average of the updates (plus a server step)
+LINEAR = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
+
+
+def cohort_refusal(run_config: Mapping) -> str | None:
+    """Why the run cannot use cohort nodes, or None when it can.
+
+    A cohort replies with the example-weighted mean of its users' models: exactly what a weighted
+    average over users needs, but robust rules and DP clipping act on each user's update."""
+    if not cohort_size(run_config):
+        return None
+    if int(run_config["users-per-client"]) != 1:
+        return "cohort-size and users-per-client > 1 (silos) exclude each other: choose one"
+    if str(run_config.get("catalog", "")):
+        return "cohort nodes are a simulation mode; a deployment's nodes hold their own users"
+    name = str(run_config["strategy"]).lower()
+    if name not in LINEAR or float(run_config["dp-clipping-norm"]) > 0:
+        return (
+            f"strategy {name}{' with DP clipping' if float(run_config['dp-clipping-norm']) > 0 else ''} needs "
+            f"each user's update, and a cohort sends its users' mean: use cohort-size=0 or one of "
+            f"{', '.join(LINEAR)} without DP"
+        )
+    return None
+
+
 def strategy_is_linear(strategy: Strategy) -> bool:
     """Aggregation is a weighted average of the updates (plus a server step), so updates may
     be pre-averaged in chunks without changing the result. DP wrappers and robust rules are not."""
-    return type(strategy) in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi)
+    return type(strategy) in LINEAR.values()
 
 
 def build_strategy(run_config: Mapping, num_train_nodes: int) -> Strategy:

@@ -77,11 +77,13 @@ class CountingObjective(Objective):
     def method_name(self, strategy: str) -> str:
         return f"{strategy}-counting"
 
-    def prepare(self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator) -> dict:
+    def prepare(
+        self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator, owner: str = ""
+    ) -> dict:
         self.prepared.append(len(node.users))
         return {}
 
-    def keep_private(self, model: SASRec, context: Context) -> None:
+    def keep_private(self, model: SASRec, context: Context, owner: str = "") -> None:
         context.state.config_records["counting"] = ConfigRecord({"rounds": len(self.prepared)})
 
 

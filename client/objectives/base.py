@@ -73,13 +73,16 @@ class Objective:
         """The model a client trains: the backbone's sizes and this objective's hyper-parameters."""
         return build_model(self.model, num_items, **model_sizes(run_config), **self.hyper(run_config))
 
-    def prepare(self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator) -> dict[str, object]:
-        """Restore the node's private parameters into ``model`` and return the keyword inputs of
-        ``model.loss`` for this round (``rng`` is the round's generator, which also shuffles)."""
+    def prepare(
+        self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator, owner: str = ""
+    ) -> dict[str, object]:
+        """Restore the private parameters of ``owner`` into ``model`` and return the keyword inputs of
+        ``model.loss`` for this round (``rng`` is the round's generator, which also shuffles).
+        ``owner`` is "" for the node itself, a user's id for a user of a cohort node."""
         return {}
 
-    def keep_private(self, model: SASRec, context: Context) -> None:
-        """Save the node's private parameters in ``context.state`` after training (never sent)."""
+    def keep_private(self, model: SASRec, context: Context, owner: str = "") -> None:
+        """Save the private parameters of ``owner`` in ``context.state`` after training (never sent)."""
 
     def result_details(self, run_config: Mapping) -> dict:
         """What a run's results say about this objective's inputs beyond the method name."""

@@ -19,5 +19,7 @@ class CL4SRecObjective(Objective):
     def method_name(self, strategy: str) -> str:
         return "fed-cl4srec" if strategy == "fedavg" else f"{strategy}-cl4srec"
 
-    def prepare(self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator) -> dict[str, object]:
+    def prepare(
+        self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator, owner: str = ""
+    ) -> dict[str, object]:
         return {"rng": rng}

@@ -44,15 +44,17 @@ class LUMOSObjective(Objective):
     def method_name(self, strategy: str) -> str:
         return "lumos" if strategy == "fedavg" else f"lumos-{strategy}"
 
-    def prepare(self, model: LUMOS, node: NodeData, context: Context, rng: np.random.Generator) -> dict[str, object]:
-        restore_private(model, context)
+    def prepare(
+        self, model: LUMOS, node: NodeData, context: Context, rng: np.random.Generator, owner: str = ""
+    ) -> dict[str, object]:
+        restore_private(model, context, private_key(owner))
         settings = ViewSettings.from_config(context.run_config, context.node_config)
         embeddings = model.item_embedding.weight.detach().cpu().numpy()
         views = client_views(node.dataset, node.users.tolist(), node.split.train, settings, embeddings)
         return {"views": UserViews(views)}
 
-    def keep_private(self, model: LUMOS, context: Context) -> None:
-        context.state.array_records[PRIVATE_KEY] = ArrayRecord(model.private_state_dict())
+    def keep_private(self, model: LUMOS, context: Context, owner: str = "") -> None:
+        context.state.array_records[private_key(owner)] = ArrayRecord(model.private_state_dict())
 
     def result_details(self, run_config: Mapping) -> dict:
         """Where the views came from: ``llm``, ``retrieval:text`` or ``retrieval:model-embeddings``."""
@@ -75,9 +77,14 @@ class LUMOSObjective(Objective):
         )
 
 
-def restore_private(model: LUMOS, context: Context) -> None:
-    """This node's projection head from its state; a fresh one on its first round."""
-    if PRIVATE_KEY in context.state.array_records:
-        model.projection.load_state_dict(context.state.array_records[PRIVATE_KEY].to_torch_state_dict())
+def private_key(owner: str = "") -> str:
+    """Where ``context.state`` keeps the head of the node ("") or of one user of a cohort node."""
+    return f"{PRIVATE_KEY}:{owner}" if owner else PRIVATE_KEY
+
+
+def restore_private(model: LUMOS, context: Context, key: str = PRIVATE_KEY) -> None:
+    """The head kept under ``key`` in the node's state; a fresh one the first time."""
+    if key in context.state.array_records:
+        model.projection.load_state_dict(context.state.array_records[key].to_torch_state_dict())
     else:
         model.reset_private_parameters()
