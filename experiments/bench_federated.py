@@ -1,5 +1,12 @@
 """Benchmark: FedAvg-SASRec on Flower's simulation runtime, and the cost of the federation.
 
+0. ``visits``: what one user-visit costs, per dataset (``ml-100k``, all of ``amazon-beauty``) and
+   objective (``sasrec``, ``lumos`` with retrieval views), 10 % of the users per round: one-user
+   nodes against cohort nodes (``--cohort-size`` users each) on Flower's simulation, the second
+   round of two (warm actors). Reports ms per user-visit, the speedup, the peak memory of all
+   Flower and Ray processes, and the compute floor of a user-visit (transformer and softmax FLOPs
+   over a measured matmul rate, ``bench_cohort_engine.py``).
+
 1. ``ml-100k`` with one client per user (943): test HR@20 / NDCG@20 per round and wall time
    per round, and the best round as a fraction of centralized SASRec on the same split.
 2. One training round of ``amazon-beauty`` with every user as a client (22,363): wall time,
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_cohort_engine import compute_floor_ms, matmul_gflops
 
 from lumosrec.client.client_app import local_optimizer
 from lumosrec.core.batching import PrefixSamples
@@ -36,6 +44,7 @@ from lumosrec.core.training import pick_device, train_epochs
 from lumosrec.launch.app import default_run_config
 from lumosrec.launch.simulate import simulate
 from lumosrec.models.factory import build_model
+from lumosrec.models.sasrec import SASRecConfig
 
 
 def per_round(out: Path) -> list[dict]:
@@ -86,6 +95,98 @@ def bare_local_training(data: Path, run_config: dict, sample: int = 0) -> tuple[
             max_grad_norm=float(run_config["max-grad-norm"]),
         )
     return (time.perf_counter() - started) * dataset.num_users / len(users), len(users)
+
+
+class FederationMemory:
+    """Peak summed resident memory of every Flower and Ray process, sampled each second."""
+
+    MARKERS = (b"flwr", b"flower", b"ray::", b"raylet", b"gcs_server")
+
+    def __enter__(self) -> FederationMemory:
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1.0):
+            total = 0
+            for proc in Path("/proc").iterdir():
+                try:
+                    if proc.name.isdigit() and any(m in (proc / "cmdline").read_bytes() for m in self.MARKERS):
+                        total += int(
+                            next(
+                                line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:")
+                            ).split()[1]
+                        )
+                except (OSError, StopIteration, ValueError):
+                    continue
+            self.peak_mb = max(self.peak_mb, total / 1024)
+
+
+def visit_cost(data: Path, objective: str, cohort_size: int, out: Path, client_cpus: int | None) -> dict:
+    """ms per user-visit in the second of two rounds of 10 % of the users."""
+    overrides = {
+        "data": str(data),
+        "out-dir": str(out),
+        "num-server-rounds": 2,
+        "fraction-train": 0.1,
+        "eval-every": 0,
+        "resume": False,
+        "objective": objective,
+        "views": "retrieval",
+        "views-dir": str(out.parent / "views"),
+        "cohort-size": cohort_size,
+    }
+    started = time.perf_counter()
+    with FederationMemory() as memory:
+        simulate(overrides, client_cpus=client_cpus, timeout=6 * 3600, progress=False)
+    row = json.loads((out / "metrics.json").read_text())[-1]
+    users = row.get("train_users", row["train_nodes"])
+    return {
+        "nodes_trained": row["train_nodes"],
+        "users_trained": users,
+        "train_seconds": row["train_seconds"],
+        "ms_per_user_visit": 1000 * row["train_seconds"] / users,
+        "peak_federation_rss_mb": memory.peak_mb,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def visits(args: argparse.Namespace, report: dict, report_path: Path) -> None:
+    gflops = matmul_gflops()
+    report.setdefault("visits", {})["matmul_gflops"] = gflops
+    for name in args.visit_datasets:
+        dataset = load_dataset(args.data_root / name)
+        split = leave_one_out(dataset.sequences, dataset.num_items)
+        sizes = model_sizes(default_run_config())
+        floor = compute_floor_ms(
+            split.train,
+            SASRecConfig(num_items=dataset.num_items, **sizes),
+            int(default_run_config()["local-epochs"]),
+            gflops,
+        )
+        for objective in args.visit_objectives:
+            entry = {"compute_floor_ms_per_user_visit": floor, "cohort_size": args.cohort_size}
+            for mode, size in (("one_user_nodes", 0), ("cohorts", args.cohort_size)):
+                entry[mode] = visit_cost(
+                    args.data_root / name,
+                    objective,
+                    size,
+                    args.out / "visits" / name / objective / mode,
+                    args.client_cpus,
+                )
+                print(
+                    f"{name} {objective} {mode}: {entry[mode]['ms_per_user_visit']:.1f} ms per user-visit", flush=True
+                )
+            entry["speedup"] = entry["one_user_nodes"]["ms_per_user_visit"] / entry["cohorts"]["ms_per_user_visit"]
+            report["visits"][f"{name}/{objective}"] = entry
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"{name} {objective}: speedup {entry['speedup']:.2f}, floor {floor:.1f} ms", flush=True)
 
 
 #: processes of a Flower simulation, by a part of their command line
@@ -173,7 +274,10 @@ def main() -> None:
         help="ml-100k overrides, TOML-typed (strategy, learning-rate, local-epochs, ...)",
     )
     parser.add_argument("--centralized", type=Path, default=Path("results/bench_centralized/ml-100k/result.json"))
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ml-100k", "beauty-round"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["visits", "ml-100k", "beauty-round"])
+    parser.add_argument("--visit-datasets", nargs="*", default=["ml-100k", "amazon-beauty"])
+    parser.add_argument("--visit-objectives", nargs="*", default=["sasrec", "lumos"])
+    parser.add_argument("--cohort-size", type=int, default=128, help="users per cohort node in the visits part")
     parser.add_argument(
         "--bare-sample",
         type=int,
@@ -195,6 +299,8 @@ def main() -> None:
     # parts skipped in this call keep their earlier results
     report: dict = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["config"] = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    if "visits" not in args.skip:
+        visits(args, report, report_path)
     if "ml-100k" not in args.skip:
         out = args.out / "ml-100k"
         overrides = {
