@@ -80,6 +80,15 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
     return merged
 
 
+def check_node_count(run_config: Mapping, num_nodes: int) -> None:
+    """Fewer nodes than ``min-nodes`` would leave the server waiting for them forever."""
+    if num_nodes < int(run_config["min-nodes"]):
+        raise ConfigError(
+            f"{num_nodes} node(s) for min-nodes={run_config['min-nodes']}: the server would wait forever; "
+            "lower min-nodes, cohort-size or users-per-client"
+        )
+
+
 def default_num_nodes(run_config: Mapping) -> int:
     """One node per cohort (``cohort-size`` users) or per silo (``users-per-client`` users)."""
     return math.ceil(run_data(run_config).num_users / (cohort_size(run_config) or int(run_config["users-per-client"])))

@@ -24,7 +24,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from lumosrec.client.client_app import app as client_app
-from lumosrec.launch.app import check_run_config, default_num_nodes, default_run_config
+from lumosrec.launch.app import check_node_count, check_run_config, default_num_nodes, default_run_config
 from lumosrec.server.server_app import run_rounds
 
 log = logging.getLogger(__name__)
@@ -98,5 +98,7 @@ def run_in_process(overrides: Mapping[str, object]) -> dict:
     """
     run_config = check_run_config(overrides, default_run_config())
     run_config["out-dir"] = str(Path(str(run_config["out-dir"])).resolve())
-    grid = InProcessGrid(client_app, run_config, default_num_nodes(run_config))
+    num_nodes = default_num_nodes(run_config)
+    check_node_count(run_config, num_nodes)
+    grid = InProcessGrid(client_app, run_config, num_nodes)
     return run_rounds(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))

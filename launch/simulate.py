@@ -33,7 +33,15 @@ from lumosrec.client.objectives import objective_for
 from lumosrec.core.errors import ConfigError, LumosError
 from lumosrec.core.results import read_result
 from lumosrec.core.runconfig import format_run_config
-from lumosrec.launch.app import APP_DIR, check_run_config, default_num_nodes, default_run_config, flower_env, free_port
+from lumosrec.launch.app import (
+    APP_DIR,
+    check_node_count,
+    check_run_config,
+    default_num_nodes,
+    default_run_config,
+    flower_env,
+    free_port,
+)
 from lumosrec.server import checkpoint
 from lumosrec.server.server_app import fingerprint
 
@@ -109,6 +117,7 @@ def simulate(
         _check_resumable(run_config)
     if num_supernodes is None:
         num_supernodes = default_num_nodes(run_config)
+    check_node_count(run_config, num_supernodes)
     objective_for(run_config).prepare_ahead(run_config, progress)
     federation = {"num-supernodes": num_supernodes}
     if client_cpus is not None:

@@ -102,3 +102,8 @@ def test_cohorts_none_of_whose_users_is_drawn_do_not_count(data_dir: Path, tmp_p
 def test_cohort_mode_refuses_what_it_cannot_do(settings: dict, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
         check_run_config({"cohort-size": 10, **settings}, default_run_config())
+
+
+def test_too_few_nodes_for_min_nodes_is_an_error_not_a_hang(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="wait forever"):
+        run_in_process({"data": str(data_dir), "out-dir": str(tmp_path / "one"), "cohort-size": 100})
