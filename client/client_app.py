@@ -62,13 +62,13 @@ def _device(run_config) -> torch.device:
 
 
 def _received_model(
-    msg: Message, context: Context, num_items: int, device: torch.device, objective: Objective
+    received: dict[str, torch.Tensor], context: Context, num_items: int, device: torch.device, objective: Objective
 ) -> SASRec:
-    """The received backbone inside ``objective``'s model (plain SASRec to evaluate)."""
+    """The ``received`` backbone inside ``objective``'s model (plain SASRec to evaluate)."""
     run = context.run_config
     keys = [*MODEL_KEYS, *objective.hyper_keys]
     model = _cached_model(objective.name, tuple(sorted((k, run[k]) for k in keys if k in run)), num_items)
-    model.load_shared_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_shared_state_dict(received)
     return model.to(device)
 
 
@@ -187,10 +187,10 @@ def train(msg: Message, context: Context) -> Message:
     data = _node(context)
     device = _device(run)
     objective = objective_for(run)
-    model = _received_model(msg, context, data.num_items, device, objective)
+    received = msg.content["arrays"].to_torch_state_dict()
+    model = _received_model(received, context, data.num_items, device, objective)
     state = _client_state(context)
     if cohort_size(run):
-        received = msg.content["arrays"].to_torch_state_dict()
         content = _train_cohort(model, objective, data, context, config, received)
     else:
         loss, examples, seen = _local_training(model, objective, data, context, config, _stream(context))
@@ -210,7 +210,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     run = context.run_config
     data = _node(context)
     device = _device(run)
-    model = _received_model(msg, context, data.num_items, device, OBJECTIVES["sasrec"])
+    received = msg.content["arrays"].to_torch_state_dict()
+    model = _received_model(received, context, data.num_items, device, OBJECTIVES["sasrec"])
     metrics: dict[str, int | list[int]] = {"num-examples": len(data.users)}
     for stage in STAGES:
         counts = rank_counts(model, data.split, stage, int(run["max-len"]), PROTOCOLS, device=device)

@@ -102,7 +102,7 @@ class Dataset:
         }
 
 
-def sample_users(num_users: int, sample: int, seed: int = 0) -> np.ndarray:
+def sample_users(num_users: int, sample: int, seed: int | Sequence[int] = 0) -> np.ndarray:
     """A fixed random sample of ``sample`` user indices, sorted (all users when ``sample`` is 0
     or not smaller than ``num_users``): the same subset for every method given the seed."""
     users = np.arange(num_users)

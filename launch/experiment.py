@@ -114,8 +114,11 @@ def run_method(
     )
     merged = check_run_config(config, default_run_config())
     objective = objective_for(merged)
-    objective.prepare_ahead(merged, progress)
-    result = simulate(config, progress=progress) if engine == "flower" else run_in_process(config)
+    if engine == "flower":
+        result = simulate(config, progress=progress)  # makes the views ahead itself
+    else:
+        objective.prepare_ahead(merged, progress)
+        result = run_in_process(config)
     details = objective.result_details(merged)
     if details:
         result.update(details)

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 
 from lumosrec.client.objectives import fingerprint_keys, method_name
 from lumosrec.core.data import run_data
-from lumosrec.core.dataset import catalog_size
+from lumosrec.core.dataset import catalog_size, sample_users
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts
 from lumosrec.core.results import RunDirectory, peak_rss_mb
@@ -89,8 +89,7 @@ def round_users(run: Mapping, server_round: int, num_users: int) -> list[int]:
     without replacement by a generator seeded with the run's seed and the round, so each user
     trains with probability ``fraction-train`` whichever node holds it."""
     count = max(1, round(float(run["fraction-train"]) * num_users))
-    drawn = np.random.default_rng([int(run["seed"]), server_round]).choice(num_users, size=count, replace=False)
-    return sorted(int(user) for user in drawn)
+    return sample_users(num_users, count, [int(run["seed"]), server_round]).tolist()
 
 
 def _train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping, config: ConfigRecord):
