@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from lumosrec.client.cohort import CohortUpdate, train_batched, use_batched
 from lumosrec.client.objectives import OBJECTIVES, Objective, objective_for
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import NodeData, node_data
@@ -111,6 +112,11 @@ def _stream(context: Context) -> int:
     return int(context.node_id) % 2**32
 
 
+def _round_rng(run, stream: int, config: ConfigRecord) -> np.random.Generator:
+    """The generator of ``stream`` (a node's or a user's) in this round: shuffling, draws, dropout seed."""
+    return np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0))])
+
+
 def _local_training(
     model: SASRec,
     objective: Objective,
@@ -125,7 +131,7 @@ def _local_training(
     the shuffling, the objective's draws and dropout; ``owner`` names whose private parameters
     the objective restores and keeps ("" for the node's own)."""
     run = context.run_config
-    rng = np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0))])
+    rng = _round_rng(run, stream, config)
     torch.manual_seed(int(rng.integers(2**31)))
     loss_inputs = objective.prepare(model, data, context, rng, owner)
     samples = PrefixSamples(data.split.train, int(run["max-len"]))
@@ -155,13 +161,56 @@ def _train_cohort(
     received: dict[str, torch.Tensor],
 ) -> RecordDict:
     """Train each of the round's users that this cohort holds on its own, from the received
-    weights, exactly as a one-user node would, and reply with their example-weighted mean."""
-    chosen = set(int(user) for user in config["train-users"])
+    weights, exactly as a one-user node would, and reply with their example-weighted mean:
+    together (:mod:`lumosrec.client.cohort`) or one after the other (``cohort-engine``)."""
+    run, chosen = context.run_config, set(int(user) for user in config["train-users"])
+    drawn = [(position, user) for position, user in enumerate(data.users.tolist()) if user in chosen]
+    trainable = [(position, user) for position, user in drawn if len(data.split.train[position]) > 1]
+    sequences = [data.split.train[position] for position, _ in trainable]
+    if use_batched(run, objective.batched_cohorts, sequences):
+        update = _train_batched(model, context, config, [user for _, user in trainable], sequences)
+    else:
+        update = _train_loop(model, objective, data, context, config, received, drawn)
+    if update.examples == 0:  # no user of this cohort was drawn (or none has a training sample)
+        return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+    metrics = {"train-loss": update.loss, "num-examples": update.examples, "samples-seen": update.seen}
+    mean = {key: value.cpu() for key, value in update.mean.items()}
+    return RecordDict({"arrays": ArrayRecord(mean), "metrics": MetricRecord(metrics)})
+
+
+def _train_batched(
+    model: SASRec, context: Context, config: ConfigRecord, users: list[int], sequences: list[np.ndarray]
+) -> CohortUpdate:
+    run = context.run_config
+    rngs = [_round_rng(run, user + 1, config) for user in users]
+    for rng in rngs:
+        rng.integers(2**31)  # the draw that seeds a lone user's torch stream: both paths then shuffle alike
+    # dropout masks: one stream per cohort and round
+    torch.manual_seed(int(_round_rng(run, _stream(context), config).integers(2**31)))
+    model.train()
+    return train_batched(
+        model,
+        sequences,
+        rngs,
+        int(run["local-epochs"]),
+        int(run["batch-size"]),
+        float(run["learning-rate"]),
+        float(run["max-grad-norm"]),
+    )
+
+
+def _train_loop(
+    model: SASRec,
+    objective: Objective,
+    data: NodeData,
+    context: Context,
+    config: ConfigRecord,
+    received: dict[str, torch.Tensor],
+    drawn: list[tuple[int, int]],
+) -> CohortUpdate:
     total: dict[str, torch.Tensor] = {}
     loss_sum, examples, seen = 0.0, 0, 0
-    for position, user in enumerate(data.users.tolist()):
-        if user not in chosen:
-            continue
+    for position, user in drawn:
         model.load_shared_state_dict(received)
         alone = NodeData(data.dataset, data.users[position : position + 1], data.split.subset([position]))
         loss, count, visited = _local_training(
@@ -172,11 +221,8 @@ def _train_cohort(
         for key, value in model.shared_state_dict().items():
             total[key] = total[key] + count * value.detach() if key in total else count * value.detach().clone()
         loss_sum, examples, seen = loss_sum + loss * count, examples + count, seen + visited
-    if examples == 0:  # no user of this cohort was drawn (or none has a training sample)
-        return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
-    mean = {key: (value / examples).cpu() for key, value in total.items()}
-    metrics = MetricRecord({"train-loss": loss_sum / examples, "num-examples": examples, "samples-seen": seen})
-    return RecordDict({"arrays": ArrayRecord(mean), "metrics": metrics})
+    mean = {key: value / examples for key, value in total.items()}
+    return CohortUpdate(mean, loss_sum / max(examples, 1), examples, seen)
 
 
 @app.train()

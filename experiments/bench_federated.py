@@ -2,8 +2,9 @@
 
 0. ``visits``: what one user-visit costs, per dataset (``ml-100k``, all of ``amazon-beauty``) and
    objective (``sasrec``, ``lumos`` with retrieval views), 10 % of the users per round: one-user
-   nodes against cohort nodes (``--cohort-size`` users each) on Flower's simulation, the second
-   round of two (warm actors). Reports ms per user-visit, the speedup, the peak memory of all
+   nodes against cohort nodes (``--cohort-nodes`` of them; their users trained one after the
+   other, and together where ``cohort-engine = "auto"`` does so) on Flower's simulation, the
+   second round of two (warm actors). Reports ms per user-visit, the speedup, the peak memory of all
    Flower and Ray processes, and the compute floor of a user-visit (transformer and softmax FLOPs
    over a measured matmul rate, ``bench_cohort_engine.py``).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +38,8 @@ import numpy as np
 from bench_cohort_engine import compute_floor_ms, matmul_gflops
 
 from lumosrec.client.client_app import local_optimizer
+from lumosrec.client.cohort import use_batched
+from lumosrec.client.objectives import objective_for
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.dataset import load_dataset
 from lumosrec.core.evaluation import leave_one_out
@@ -128,7 +132,7 @@ class FederationMemory:
             self.peak_mb = max(self.peak_mb, total / 1024)
 
 
-def visit_cost(data: Path, objective: str, cohort_size: int, out: Path, client_cpus: int | None) -> dict:
+def visit_cost(data: Path, objective: str, cohort_size: int, engine: str, out: Path, client_cpus: int | None) -> dict:
     """ms per user-visit in the second of two rounds of 10 % of the users."""
     overrides = {
         "data": str(data),
@@ -141,6 +145,7 @@ def visit_cost(data: Path, objective: str, cohort_size: int, out: Path, client_c
         "views": "retrieval",
         "views-dir": str(out.parent / "views"),
         "cohort-size": cohort_size,
+        "cohort-engine": engine,
     }
     started = time.perf_counter()
     with FederationMemory() as memory:
@@ -171,18 +176,26 @@ def visits(args: argparse.Namespace, report: dict, report_path: Path) -> None:
             gflops,
         )
         for objective in args.visit_objectives:
-            entry = {"compute_floor_ms_per_user_visit": floor, "cohort_size": args.cohort_size}
-            for mode, size in (("one_user_nodes", 0), ("cohorts", args.cohort_size)):
+            cohort_size = math.ceil(dataset.num_users / args.cohort_nodes)
+            entry = {"compute_floor_ms_per_user_visit": floor, "cohort_size": cohort_size}
+            modes = {"one_user_nodes": (0, "loop"), "cohorts_loop": (cohort_size, "loop")}
+            run = {**default_run_config(), "objective": objective}
+            if use_batched(run, objective_for(run).batched_cohorts, split.train):
+                modes["cohorts_batched"] = (cohort_size, "batched")
+            for mode, (size, engine) in modes.items():
                 entry[mode] = visit_cost(
                     args.data_root / name,
                     objective,
                     size,
+                    engine,
                     args.out / "visits" / name / objective / mode,
                     args.client_cpus,
                 )
                 print(
                     f"{name} {objective} {mode}: {entry[mode]['ms_per_user_visit']:.1f} ms per user-visit", flush=True
                 )
+            # cohort mode as `cohort-engine = "auto"` runs it: batched where it applies, else the loop
+            entry["cohorts"] = entry.get("cohorts_batched", entry["cohorts_loop"])
             entry["speedup"] = entry["one_user_nodes"]["ms_per_user_visit"] / entry["cohorts"]["ms_per_user_visit"]
             report["visits"][f"{name}/{objective}"] = entry
             report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -277,7 +290,13 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["visits", "ml-100k", "beauty-round"])
     parser.add_argument("--visit-datasets", nargs="*", default=["ml-100k", "amazon-beauty"])
     parser.add_argument("--visit-objectives", nargs="*", default=["sasrec", "lumos"])
-    parser.add_argument("--cohort-size", type=int, default=128, help="users per cohort node in the visits part")
+    parser.add_argument(
+        "--cohort-nodes",
+        type=int,
+        default=16,
+        help="cohort nodes per dataset in the visits part (cohort-size = users / this): batching pays from "
+        "about 64 drawn users per cohort and round",
+    )
     parser.add_argument(
         "--bare-sample",
         type=int,

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lumosrec.client.client_app import OPTIMIZERS
+from lumosrec.client.cohort import ENGINES, batched_refusal
 from lumosrec.client.objectives import choices as objective_choices
+from lumosrec.client.objectives import objective_for
 from lumosrec.core.data import run_data
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.runconfig import cohort_size
@@ -67,7 +69,7 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
             f"unknown run-config key(s) {', '.join(unknown)}; see [tool.flwr.app.config] in pyproject.toml"
         )
     merged = {**defaults, **run_config}
-    for key, allowed in {"client-optimizer": OPTIMIZERS, **objective_choices()}.items():
+    for key, allowed in {"client-optimizer": OPTIMIZERS, "cohort-engine": ENGINES, **objective_choices()}.items():
         if merged[key] not in allowed:
             raise ConfigError(f"run config {key}={merged[key]!r}: choose one of {', '.join(allowed)}")
     if str(merged["strategy"]).lower() not in STRATEGIES:
@@ -75,6 +77,8 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
     if cohort_size(merged) < 0:
         raise ConfigError("cohort-size must be 0 (off) or the number of users a cohort node holds")
     refusal = cohort_refusal(merged)
+    if not refusal and cohort_size(merged) and merged["cohort-engine"] == "batched":
+        refusal = batched_refusal(merged, objective_for(merged).batched_cohorts)
     if refusal:
         raise ConfigError(refusal)
     return merged

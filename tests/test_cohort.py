@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from lumosrec.client.cohort import train_batched, use_batched
+from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
+from lumosrec.core.training import train_epochs
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.launch.inprocess import run_in_process
+from lumosrec.models.sasrec import SASRec, SASRecConfig
 from lumosrec.server import checkpoint
 from lumosrec.server.server_app import fingerprint, round_users
 
@@ -97,6 +101,10 @@ def test_cohorts_none_of_whose_users_is_drawn_do_not_count(data_dir: Path, tmp_p
         ({"dp-clipping-norm": 1.0}, "with DP clipping"),
         ({"users-per-client": 5}, "exclude each other"),
         ({"cohort-size": -1}, "must be 0"),
+        ({"cohort-engine": "batched", "objective": "lumos"}, "sasrec objective only"),
+        ({"cohort-engine": "batched", "client-optimizer": "adam"}, "SGD only"),
+        ({"cohort-engine": "batched", "strategy": "fedprox"}, "no FedProx"),
+        ({"cohort-engine": "fast"}, "choose one of auto, batched, loop"),
     ],
 )
 def test_cohort_mode_refuses_what_it_cannot_do(settings: dict, reason: str) -> None:
@@ -107,3 +115,75 @@ def test_cohort_mode_refuses_what_it_cannot_do(settings: dict, reason: str) -> N
 def test_too_few_nodes_for_min_nodes_is_an_error_not_a_hang(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="wait forever"):
         run_in_process({"data": str(data_dir), "out-dir": str(tmp_path / "one"), "cohort-size": 100})
+
+
+@pytest.mark.parametrize("clipping, rate", [(1.0, 0.5), (0.0, 0.05)])  # unclipped, 0.5 diverges in both
+def test_batched_cohorts_give_the_global_model_of_the_loop(
+    data_dir: Path, tmp_path: Path, clipping: float, rate: float
+) -> None:
+    settings = {"cohort-size": 10, "max-grad-norm": clipping, "learning-rate": rate}
+    loop = _global_weights(data_dir, tmp_path / "loop", **settings, **{"cohort-engine": "loop"})
+    batched = _global_weights(data_dir, tmp_path / "batched", **settings, **{"cohort-engine": "batched"})
+    assert set(loop) == set(batched)
+    for key, value in loop.items():
+        scale = float(value.abs().max())
+        assert float((batched[key] - value).abs().max()) <= 1e-5 * scale, key
+
+
+@pytest.mark.parametrize("clipping", [1.0, 0.0])
+def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float) -> None:
+    """The low-rank item table and stacked weights are the loop's arithmetic, not an approximation:
+    in float64 the mean model equals the per-user loop's to rounding."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = SASRec(SASRecConfig(num_items=40, max_len=8, hidden_size=16, inner_size=32, dropout=0.0))
+        generator = np.random.default_rng(3)
+        # short and long histories: one batch per epoch, several batches, truncation at max-len
+        sequences = [generator.integers(1, 41, size=n) for n in (2, 3, 5, 9, 12, 20)]
+        settings = dict(epochs=2, batch_size=4)
+        batched = train_batched(
+            model,
+            sequences,
+            [np.random.default_rng([1, u]) for u in range(6)],
+            **settings,
+            learning_rate=0.5,
+            max_grad_norm=clipping,
+        )
+        initial = {key: value.clone() for key, value in model.state_dict().items()}
+        expected = {key: torch.zeros_like(value) for key, value in initial.items()}
+        counts, losses = [len(s) - 1 for s in sequences], []
+        for user, sequence in enumerate(sequences):
+            model.load_state_dict(initial)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            loss, _ = train_epochs(
+                model,
+                optimizer,
+                PrefixSamples([sequence], 8),
+                rng=np.random.default_rng([1, user]),
+                device=torch.device("cpu"),
+                max_grad_norm=clipping,
+                **settings,
+            )
+            losses.append(loss)
+            for key, value in model.state_dict().items():
+                expected[key] += counts[user] / sum(counts) * value
+        model.load_state_dict(initial)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert batched.examples == sum(counts) and batched.seen == 2 * sum(counts)
+    assert batched.loss == pytest.approx(np.dot(counts, losses) / sum(counts), rel=1e-10)
+    for key, value in expected.items():
+        change = float((value - initial[key]).abs().max())
+        assert change > 0, key  # every tensor trained
+        assert float((batched.mean[key] - value).abs().max()) <= 1e-10 * change, key
+
+
+def test_auto_trains_short_histories_batched_and_the_rest_in_the_loop() -> None:
+    run = default_run_config()  # sasrec, SGD, FedAvg, batch 64, cohort-engine auto
+    short, long = [np.arange(1, 9)] * 4, [np.arange(1, 200)] * 4
+    assert use_batched(run, True, short) and not use_batched(run, True, long)
+    assert not use_batched(run, False, short)  # an objective without a batched form
+    assert not use_batched({**run, "client-optimizer": "adam"}, True, short)
+    assert not use_batched({**run, "cohort-engine": "loop"}, True, short)
+    assert use_batched({**run, "cohort-engine": "batched"}, True, long)

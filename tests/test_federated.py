@@ -180,47 +180,62 @@ def test_simulation_resumes_after_the_server_is_killed(data_dir: Path, tmp_path:
     shutil.rmtree(short_tmp, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_simulation_attaches_to_a_running_ray_cluster(data_dir: Path, tmp_path: Path) -> None:
-    ray = Path(sys.executable).with_name("ray")
-    port = str(6380 + os.getpid() % 500)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+def _ray_start(ray: Path, env: dict, *args: str) -> None:
     started = subprocess.run(
-        [
-            str(ray),
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            port,
-            "--num-cpus",
-            "2",
-            "--include-dashboard=false",
-        ],
+        [str(ray), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", *args],
         env=env,
         capture_output=True,
         text=True,
     )
     assert started.returncode == 0, started.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_cohorts_spread_over_a_running_two_node_ray_cluster(data_dir: Path, tmp_path: Path) -> None:
+    """A simulation attaches to a Ray cluster (a head and a second node joined with
+    ``ray start --address``, one CPU each), and its cohort nodes train on both machines."""
+    import ray as ray_api
+    from ray._private import state  # the GCS's actor table: the public state API needs the dashboard
+
+    ray = Path(sys.executable).with_name("ray")
+    port = str(6380 + os.getpid() % 500)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    address = f"127.0.0.1:{port}"
     try:
+        _ray_start(ray, env, "--head", "--port", port, "--include-dashboard=false")
+        _ray_start(ray, env, "--address", address)
         result = simulate(
             {
                 "data": str(data_dir),
                 "out-dir": str(tmp_path / "run"),
-                "num-server-rounds": 1,
+                "num-server-rounds": 2,
+                "cohort-size": 6,  # 10 cohorts of 6 users
+                "fraction-train": 0.5,
+                "eval-every": 2,
                 "hidden-size": 16,
                 "inner-size": 32,
             },
-            ray_address=f"127.0.0.1:{port}",
+            ray_address=address,
+            client_cpus=1,  # one client actor per node
             progress=False,
             timeout=300,
         )
-        assert result["epochs"] == 1 and result["failures"] == 0
+        assert result["epochs"] == 2 and result["failures"] == 0
         assert 0.0 < result["test"]["unmasked"]["HR@20"] <= 1.0
-        # the simulation ran as a driver of this cluster, not on a Ray of its own
-        assert list(ray_tmp.glob("ray/session_*/logs/python-core-driver-*.log"))
+        rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert [row["train_users"] for row in rows] == [30, 30]
+        ray_api.init(address=address, logging_level="ERROR")
+        try:
+            nodes = {node["NodeID"] for node in ray_api.nodes() if node["Alive"]}
+            hosts = {
+                actor["Address"]["NodeID"]
+                for actor in state.actors().values()
+                if actor["ActorClassName"] == "ClientAppActor"
+            }
+        finally:
+            ray_api.shutdown()
+        assert len(nodes) == 2 and hosts == nodes  # client actors ran on both Ray nodes
     finally:
         subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -50,6 +50,8 @@ class Objective:
     choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     #: its keys whose value does not change what is trained (a checkpoint made with another resumes)
     neutral_keys: ClassVar[tuple[str, ...]] = ()
+    #: whether cohort nodes may train its users together (:mod:`lumosrec.client.cohort`)
+    batched_cohorts: ClassVar[bool] = False
 
     @property
     def keys(self) -> tuple[str, ...]:

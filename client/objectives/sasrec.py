@@ -8,6 +8,7 @@ from lumosrec.client.objectives.base import Objective
 class SASRecObjective(Objective):
     name = "sasrec"
     model = "sasrec"
+    batched_cohorts = True
 
     def method_name(self, strategy: str) -> str:
         return f"{strategy}-sasrec"
