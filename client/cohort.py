@@ -228,6 +228,10 @@ class _CohortState:
             mean = {name: torch.einsum("k,k...->...", weights, stacked) for name, stacked in self.theta.items()}
         return {TABLE: table, **mean}
 
+    def _filled_factors(self, user: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``user``'s softmax factors (c * Q, H) of the steps taken so far."""
+        return self.factor_q[user][: self.filled[user]], self.factor_h[user][: self.filled[user]]
+
     def step(
         self,
         group: list[int],
@@ -284,7 +288,7 @@ class _CohortState:
             logits = torch.matmul(h, table0.T)
             for g, u in enumerate(group):
                 if self.filled[u]:
-                    used_q, used_h = self.factor_q[u][: self.filled[u]], self.factor_h[u][: self.filled[u]]
+                    used_q, used_h = self._filled_factors(u)
                     logits[g] += (h[g] @ used_h.T) @ used_q
             logits.scatter_add_(2, spread, torch.bmm(h, sparse.transpose(1, 2)))
             logits[:, :, 0] = -torch.inf
@@ -298,7 +302,7 @@ class _CohortState:
             grad_h = torch.matmul(q, table0) + torch.bmm(q_own, sparse)
             for g, u in enumerate(group):
                 if self.filled[u]:
-                    used_q, used_h = self.factor_q[u][: self.filled[u]], self.factor_h[u][: self.filled[u]]
+                    used_q, used_h = self._filled_factors(u)
                     grad_h[g] += (q[g] @ used_q.T) @ used_h
         names = list(p)
         *grads, grad_emb = torch.autograd.grad(h, [p[name] for name in names] + [emb], grad_outputs=grad_h)
