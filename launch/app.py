@@ -79,6 +79,8 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
     refusal = cohort_refusal(merged)
     if not refusal and cohort_size(merged) and merged["cohort-engine"] == "batched":
         refusal = batched_refusal(merged, objective_for(merged).batched_cohorts)
+        if refusal:
+            refusal += '; use cohort-engine="auto", which trains such users one after the other'
     if refusal:
         raise ConfigError(refusal)
     return merged
