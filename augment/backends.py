@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from lumosrec.augment.hf import TransformersGenerator
 from lumosrec.augment.llamacpp import LlamaCppGenerator
 from lumosrec.augment.runtime import (
@@ -34,8 +36,8 @@ def _backend(config: RuntimeConfig) -> str:
 
 
 class LazyGenerator:
-    """A :class:`Generator` that loads its model on the first ``generate``: a client whose views
-    are all cached never loads (nor locks) an LLM, yet knows the cache key of its outputs."""
+    """A :class:`Generator` that loads its model on first use (``generate``, ``label_logprobs``): a
+    client whose views are all cached never loads (nor locks) an LLM, yet knows its cache key."""
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
@@ -53,6 +55,11 @@ class LazyGenerator:
         if self._generator is None:
             self._generator = load_generator(self.config)
         return self._generator.generate(prompts, max_new_tokens, temperature, seed)
+
+    def label_logprobs(self, prompts: Sequence[Chat], labels: Sequence[str]) -> np.ndarray:
+        if self._generator is None:
+            self._generator = load_generator(self.config)
+        return self._generator.label_logprobs(prompts, labels)
 
     def model_info(self) -> dict:
         if self._generator is not None:

@@ -28,7 +28,7 @@ from lumosrec.augment.backends import LazyGenerator
 from lumosrec.augment.cache import CACHE_FILE, ViewCache
 from lumosrec.augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
 from lumosrec.augment.runtime import DEFAULT_MODEL, RuntimeConfig
-from lumosrec.augment.views import MODES, ViewConfig, ViewMaker
+from lumosrec.augment.views import LLM_MODES, MODES, ViewConfig, ViewMaker
 from lumosrec.core.dataset import Dataset
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.paths import cache_dir
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: what a row of results says about where its views came from
 SOURCE_LLM, SOURCE_TEXT_RETRIEVAL, SOURCE_MODEL_RETRIEVAL = "llm", "retrieval:text", "retrieval:model-embeddings"
+SOURCE_LLM_RANK = "llm-rank"
+#: ``views`` values: the generation modes, and ``model``: retrieval over the received model's item
+#: embeddings for any catalog (what catalogs without text always get)
+VIEW_SOURCES = (*MODES, "model")
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,8 @@ class ViewSettings:
     encoder: str = DEFAULT_ENCODER
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown views mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode not in VIEW_SOURCES:
+            raise ConfigError(f"unknown views mode {self.mode!r}; choose one of {', '.join(VIEW_SOURCES)}")
 
     @classmethod
     def from_config(cls, run_config: Mapping, node_config: Mapping) -> ViewSettings:
@@ -67,7 +71,9 @@ class ViewSettings:
 
     def view_config(self) -> ViewConfig:
         """The generation settings: the same whether views are made ahead or on the client."""
-        return ViewConfig(mode=self.mode, items_per_view=self.items_per_view)
+        # views over the model are retrieval views in another item space
+        mode = "retrieval" if self.mode == "model" else self.mode
+        return ViewConfig(mode=mode, items_per_view=self.items_per_view)
 
     def cache_path(self, dataset_name: str) -> Path:
         folder = Path(self.folder) if self.folder else cache_dir("views") / dataset_name
@@ -75,10 +81,11 @@ class ViewSettings:
 
 
 def views_source(dataset: Dataset, settings: ViewSettings) -> str:
-    """``llm``, ``retrieval:text`` or ``retrieval:model-embeddings`` (catalogs without text)."""
-    if not dataset.has_text:
+    """``llm``, ``llm-rank``, ``retrieval:text`` or ``retrieval:model-embeddings`` (``views =
+    "model"``, and catalogs without text)."""
+    if not dataset.has_text or settings.mode == "model":
         return SOURCE_MODEL_RETRIEVAL
-    return SOURCE_LLM if settings.mode == "llm" else SOURCE_TEXT_RETRIEVAL
+    return {"llm": SOURCE_LLM, "llm-rank": SOURCE_LLM_RANK}.get(settings.mode, SOURCE_TEXT_RETRIEVAL)
 
 
 #: (dataset identity, settings) -> (dataset, maker): one maker per process, as a Ray actor serves
@@ -98,7 +105,9 @@ def _new_text_maker(dataset: Dataset, settings: ViewSettings) -> ViewMaker:
     space = ItemSpace.from_text(dataset.titles, encoder, cache_dir("embeddings"))
     config = settings.view_config()
     generator = (
-        LazyGenerator(RuntimeConfig(model=settings.model, backend=settings.backend)) if settings.mode == "llm" else None
+        LazyGenerator(RuntimeConfig(model=settings.model, backend=settings.backend))
+        if settings.mode in LLM_MODES
+        else None
     )
     cache = ViewCache(settings.cache_path(dataset.name))
     return ViewMaker(dataset.titles, dataset.categories, space, config, generator, encoder, cache)
@@ -113,18 +122,19 @@ def client_views(
     progress: bool = False,
 ) -> list[dict[str, list[int]]]:
     """``{view: item indices}`` for each of ``users`` (dataset indices) from their training
-    ``histories``; ``item_embeddings`` (the received model's table) serve catalogs without text."""
+    ``histories``; ``item_embeddings`` (the received model's table) serve ``views = "model"`` and
+    catalogs without text."""
     keyed = {dataset.user_ids[user]: [int(i) for i in history] for user, history in zip(users, histories)}
-    if dataset.has_text:
+    if dataset.has_text and settings.mode != "model":
         maker = _text_maker(dataset, settings)
     else:
         if item_embeddings is None:
-            raise ValueError(f"{dataset.name} has no item text: its views need the model's item embeddings")
+            raise ValueError(f"{dataset.name}: views over the model need the model's item embeddings")
         maker = ViewMaker(
             dataset.titles,
             dataset.categories,
             ItemSpace.from_embeddings(item_embeddings),
-            replace(settings.view_config(), mode="retrieval"),
+            replace(settings.view_config(), mode="retrieval"),  # an llm mode falls back: no text to prompt with
         )
     made, stats = maker.make(keyed, progress=progress)
     if stats.users > stats.from_cache and maker.cache is not None:

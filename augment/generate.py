@@ -19,7 +19,7 @@ from lumosrec.augment.backends import load_generator
 from lumosrec.augment.cache import CACHE_FILE, ViewCache
 from lumosrec.augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
 from lumosrec.augment.runtime import Generator, RuntimeConfig
-from lumosrec.augment.views import ViewConfig, ViewMaker
+from lumosrec.augment.views import LLM_MODES, ViewConfig, ViewMaker
 from lumosrec.core.dataset import Dataset, sample_users
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import leave_one_out
@@ -80,14 +80,21 @@ def generate_views(
     """
     split = leave_one_out(dataset.sequences, dataset.num_items)
     users = list(range(dataset.num_users)) if users is None else list(users)
-    llm = view_config.mode == "llm"
+    llm = view_config.mode in LLM_MODES
     encoder = TextEncoder(encoder_name) if llm or item_embeddings is None else None
+    model_space = None
+    if view_config.mode == "llm-rank" and item_embeddings is not None:
+        # ranking reads titles: text similarity stays, the model's neighbours join the candidates
+        model_space = item_space(dataset, view_config.mode, None, item_embeddings)
+        item_embeddings = None
     space = item_space(dataset, view_config.mode, encoder, item_embeddings)
     owned = generator is None and llm
     generator = load_generator(runtime or RuntimeConfig()) if owned else generator
     cache = ViewCache(out / CACHE_FILE)
     try:
-        maker = ViewMaker(dataset.titles, dataset.categories, space, view_config, generator, encoder, cache)
+        maker = ViewMaker(
+            dataset.titles, dataset.categories, space, view_config, generator, encoder, cache, model_space
+        )
         histories = {dataset.user_ids[u]: split.train[u].tolist() for u in users}
         log.info("%s views of %d users of %s (%s)", view_config.mode, len(users), dataset.name, maker.model_key)
         _, stats = maker.make(histories, progress=progress)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lumosrec.augment.runtime import (
@@ -153,6 +154,38 @@ class TransformersGenerator:
         self.stats.calls += len(prompts)
         self.stats.seconds += time.perf_counter() - started
         return outputs
+
+    def label_token_ids(self, labels: Sequence[str]) -> list[int]:
+        """The token of each label; a label the tokenizer splits cannot be read from one next-token
+        distribution, so it is refused."""
+        ids = [self.tokenizer.encode(label, add_special_tokens=False) for label in labels]
+        split = [label for label, tokens in zip(labels, ids) if len(tokens) != 1]
+        if split:
+            raise ConfigError(
+                f"label(s) {', '.join(map(repr, split))} are not single tokens for {self.name}; use other labels"
+            )
+        return [tokens[0] for tokens in ids]
+
+    @torch.inference_mode()
+    def label_logprobs(self, prompts: Sequence[Chat], labels: Sequence[str]) -> np.ndarray:
+        started = time.perf_counter()
+        token_ids = torch.tensor(self.label_token_ids(labels))
+        texts = [self._render(prompt) for prompt in prompts]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        result = np.zeros((len(texts), len(labels)), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            encoded = self.tokenizer(
+                [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
+            # left padding: the last position of every row is its prompt's last token; only that
+            # position's logits are computed (the vocabulary projection dominates otherwise)
+            logits = self.model(**encoded, logits_to_keep=1).logits[:, -1, :].float()
+            result[batch] = torch.log_softmax(logits, dim=-1)[:, token_ids.to(logits.device)].cpu().numpy()
+            self.stats.prompt_tokens += int(encoded["attention_mask"].sum())
+        self.stats.calls += len(prompts)
+        self.stats.seconds += time.perf_counter() - started
+        return result
 
     def model_info(self) -> dict:
         return {

@@ -13,8 +13,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from lumosrec.augment.runtime import Chat, GenerationStats, MachineLock, ModelSpec, cache_key, render_plain
-from lumosrec.core.errors import LumosError
+from lumosrec.core.errors import ConfigError, LumosError
 
 #: tokens of context per parallel slot: few-shot prompt (~300) + history + answer
 CONTEXT_PER_SLOT = 2048
@@ -96,6 +98,11 @@ class LlamaCppGenerator:
         self.stats.calls += len(prompts)
         self.stats.seconds += time.perf_counter() - started
         return texts
+
+    def label_logprobs(self, prompts: Sequence[Chat], labels: Sequence[str]) -> np.ndarray:
+        """Not offered: the server's completions expose only the top log-probabilities of a
+        sampled token, not those of chosen labels."""
+        raise ConfigError("llm-rank views read label log-probabilities: use --backend transformers")
 
     def model_info(self) -> dict:
         return {

@@ -9,7 +9,12 @@ user: the prompt's long shared prefix then stays in the runtime's KV cache. Smal
 out-of-domain examples (movie titles for beauty products), hence in-domain examples
 (``research/llm_runtime.md`` §3).
 
-Bump :data:`PROMPT_VERSION` whenever a text below changes: it is part of the cache key.
+The ``llm-rank`` views use other prompts (:func:`build_rank_prompt`): the history, then catalog
+candidates labelled with letters, and a question answered by one letter, whose next-token
+probabilities rank the candidates.
+
+Bump :data:`PROMPT_VERSION` (:data:`RANK_VERSION`) whenever a text below changes: it is part of
+the cache key.
 """
 
 from __future__ import annotations
@@ -62,9 +67,9 @@ def detect_domain(titles: Sequence[str]) -> str:
     return "products"
 
 
-def _line(title: str, categories: Sequence[str]) -> str:
-    title = title if len(title) <= MAX_TITLE_CHARS else title[: MAX_TITLE_CHARS - 1].rstrip() + "…"
-    return f"- {title} [{categories[-1]}]" if categories else f"- {title}"
+def _line(title: str, categories: Sequence[str], max_chars: int = MAX_TITLE_CHARS, bullet: str = "-") -> str:
+    title = title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
+    return f"{bullet} {title} [{categories[-1]}]" if categories else f"{bullet} {title}"
 
 
 @dataclass
@@ -159,3 +164,53 @@ def parse_titles(text: str, max_chars: int = 200) -> list[str]:
             if 2 <= len(part) <= max_chars and not part.endswith(":"):
                 titles.append(part)
     return titles
+
+
+RANK_VERSION = "rank-v1"
+#: candidate labels: capital letters, one token each in the usual tokenizers (checked by the backend)
+LABELS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: titles are cut shorter than in the free prompts: a rank prompt lists history and candidates
+RANK_TITLE_CHARS = 60
+#: what replaces every title in the content-free prompt of the calibration (Zhao et al., 2021)
+CONTENT_FREE = "N/A"
+RANK_SYSTEM = (
+    "You are a recommender system for a catalog of {noun}s. You answer with the letter of one candidate, nothing else."
+)
+RANK_TASKS = {
+    "future": "Which candidate will this user want next? Answer with its letter.",
+    "paraphrase": "Which candidate expresses the same taste as this list? Answer with its letter.",
+    "counterfactual": "Which candidate would this user never choose, unlike everything in the list? "
+    "Answer with its letter.",
+}
+
+
+def build_rank_prompt(
+    view: str,
+    history: Sequence[int],
+    candidates: Sequence[int],
+    titles: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    domain: Domain,
+    content_free: bool = False,
+) -> Chat:
+    """The ranking prompt of one view: the history, the candidates labelled A, B, C ..., the
+    question. The assistant's answer is left to the model, whose first token is the label.
+
+    ``content_free`` replaces every title (history and candidates) by ``N/A`` and drops the
+    categories: the prompt of the label-bias calibration, the same for every user."""
+
+    def line(item: int, bullet: str) -> str:
+        if content_free:
+            return f"{bullet} {CONTENT_FREE}"
+        return _line(titles[item], categories[item], RANK_TITLE_CHARS, bullet)
+
+    past = "\n".join(line(i, "-") for i in history if content_free or titles[i])
+    listed = "\n".join(line(item, f"{label}.") for label, item in zip(LABELS, candidates))
+    return [
+        {"role": "system", "content": RANK_SYSTEM.format(noun=domain.noun)},
+        {
+            "role": "user",
+            "content": f"A user {domain.verb} these {domain.noun}s, oldest first:\n{past}\n\n"
+            f"Candidates:\n{listed}\n\n{RANK_TASKS[view]}",
+        },
+    ]

@@ -2,7 +2,8 @@
 
 They need no LLM, only the item similarity of an :class:`~augment.grounding.ItemSpace`:
 
-* *future*: the items nearest to the user's recent items (the mean of the last three);
+* *future*: the items nearest to the user's last item (better than the mean of the last three
+  on Beauty, hit@5 0.046 against 0.036, and as good on ml-100k: ``docs/results/view_quality``);
 * *paraphrase*: each recent item replaced by its nearest unseen neighbour, in order, the
   same intent with other items;
 * *counterfactual*: items drawn from those least similar to the user's profile.
@@ -18,13 +19,17 @@ import numpy as np
 
 from lumosrec.augment.grounding import ItemSpace
 
+#: the recent items whose mean is a query (the llm-rank candidates)
 RECENT = 3
 
 
+def neighbours_of(space: ItemSpace, items: Sequence[int], k: int, exclude: set[int]) -> list[int]:
+    """The ``k`` items nearest to the mean of ``items``' vectors, best first."""
+    return _top(space.vectors @ space.vectors[list(items)].sum(0), space, k, exclude)
+
+
 def future_neighbours(space: ItemSpace, history: Sequence[int], k: int, exclude: set[int]) -> list[int]:
-    recent = space.vectors[list(history[-RECENT:])].sum(0)
-    scores = space.vectors @ recent
-    return _top(scores, space, k, exclude)
+    return neighbours_of(space, history[-1:], k, exclude)
 
 
 def paraphrase_substitutes(space: ItemSpace, history: Sequence[int], k: int, exclude: set[int]) -> list[int]:

@@ -1,8 +1,9 @@
 """The on-device LLM's interface: prompts, generators, models found through their packages.
 
 :func:`lumosrec.augment.backends.load_generator` returns a :class:`Generator` whose
-``generate`` takes a batch of chat prompts and returns one text per prompt. Backends (``research/llm_runtime.md`` has the
-measurements behind the choice):
+``generate`` takes a batch of chat prompts and returns one text per prompt, and whose
+``label_logprobs`` scores labelled candidates in one forward pass per prompt (the ``llm-rank``
+views). Backends (``research/llm_runtime.md`` has the measurements behind the choice):
 
 * ``transformers`` (default): any Hugging Face model id or local folder, or a GGUF file
   dequantized once to a bf16 cache; bf16 on CPU, 4/8-bit bitsandbytes weights on CUDA; prompts
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.paths import cache_dir as lumos_cache
@@ -99,6 +102,11 @@ class Generator(Protocol):
         self, prompts: Sequence[Chat], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
     ) -> list[str]:
         """One completion per chat prompt; greedy when ``temperature`` is 0."""
+
+    def label_logprobs(self, prompts: Sequence[Chat], labels: Sequence[str]) -> np.ndarray:
+        """``(len(prompts), len(labels))`` log-probabilities of each label as the first token of
+        the assistant's answer: one forward pass per prompt and no decoding, so that ranking
+        candidates labelled A, B, C ... costs a prompt's prefill only (LlamaRec's verbalizer)."""
 
     def model_info(self) -> dict:
         """Name, backend, weights format and run-time settings, for run records."""

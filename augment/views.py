@@ -10,10 +10,21 @@ unlike the user: an item is kept only if its similarity to the user's profile is
 with enough but fewer than ``items_per_view`` is padded with retrieval items. Both are
 counted in :class:`ViewStats`, never silent. Views are cached per user
 (:mod:`lumosrec.augment.cache`).
+
+Mode ``llm-rank`` asks the LLM to *order* catalog candidates instead of writing titles: about
+20 items near the history (text neighbours of the last item and of the recent items, and
+neighbours under the received model's item embeddings when given; for the counterfactual view
+also items far from the profile) are shuffled, labelled A, B, C ... in one prompt per view, and
+ranked by the log-probability of each label as the answer's first token, in one forward pass
+(LlamaRec). Small models prefer some labels whatever the content; the label log-probabilities
+of a content-free prompt (every title ``N/A``) are subtracted (contextual calibration, Zhao et
+al. 2021). Every item is a catalog item by construction; the view is the best
+``items_per_view`` (for the counterfactual, those that pass the profile check).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -26,19 +37,23 @@ from lumosrec.augment.cache import View, ViewCache, history_hash
 from lumosrec.augment.grounding import ItemSpace, TextEncoder, ground
 from lumosrec.augment.prompts import (
     DOMAINS,
+    LABELS,
     PROMPT_VERSION,
+    RANK_VERSION,
     VIEWS,
     build_prompt,
+    build_rank_prompt,
     detect_domain,
     few_shot_example,
     parse_titles,
 )
-from lumosrec.augment.retrieval import retrieval_view
+from lumosrec.augment.retrieval import RECENT, distant_items, neighbours_of, retrieval_view
 from lumosrec.augment.runtime import Chat, Generator
 from lumosrec.core.errors import ConfigError
 
-MODES = ("llm", "retrieval")
-RETRIEVAL_VERSION = "retrieval-v1"
+MODES = ("llm", "llm-rank", "retrieval")
+LLM_MODES = ("llm", "llm-rank")
+RETRIEVAL_VERSION = "retrieval-v2"
 
 
 @dataclass
@@ -57,6 +72,9 @@ class ViewConfig:
     users_per_batch: int = 12
     domain: str = "auto"
     seed: int = 0
+    #: llm-rank: candidates per prompt, and whether the content-free label bias is subtracted
+    candidates: int = 20
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -64,6 +82,8 @@ class ViewConfig:
         unknown = set(self.views) - set(VIEWS)
         if unknown:
             raise ConfigError(f"unknown view(s) {', '.join(sorted(unknown))}; choose from {', '.join(VIEWS)}")
+        if not self.items_per_view <= self.candidates <= len(LABELS):
+            raise ConfigError(f"candidates must lie between items_per_view and {len(LABELS)}, not {self.candidates}")
         if self.domain != "auto" and self.domain not in DOMAINS:
             raise ConfigError(f"unknown domain {self.domain!r}; choose auto or one of {', '.join(DOMAINS)}")
 
@@ -134,10 +154,13 @@ class ViewMaker:
         Item similarity for grounding, the counterfactual check and the retrieval views.
     config : ViewConfig
     generator : Generator, optional
-        The local LLM; required in ``llm`` mode.
+        The local LLM; required in the ``llm`` and ``llm-rank`` modes.
     encoder : TextEncoder, optional
         Embeds generated titles; required in ``llm`` mode (the one that built ``space``).
     cache : ViewCache, optional
+    model_space : ItemSpace, optional
+        The received model's item embeddings: in ``llm-rank`` mode their neighbours of the
+        history join the candidates (part of the cache version, as the views depend on them).
     """
 
     def __init__(
@@ -149,16 +172,23 @@ class ViewMaker:
         generator: Generator | None = None,
         encoder: TextEncoder | None = None,
         cache: ViewCache | None = None,
+        model_space: ItemSpace | None = None,
     ) -> None:
         if config.mode == "llm" and (generator is None or encoder is None):
             raise ConfigError("llm views need a generator and a text encoder; use --views retrieval otherwise")
+        if config.mode == "llm-rank" and generator is None:
+            raise ConfigError("llm-rank views need a generator; use --views retrieval otherwise")
         self.titles, self.categories, self.space, self.config = titles, categories, space, config
-        self.generator, self.encoder, self.cache = generator, encoder, cache
+        self.generator, self.encoder, self.cache, self.model_space = generator, encoder, cache, model_space
+        self._calibration: dict[str, np.ndarray] = {}
         domain = detect_domain(titles) if config.domain == "auto" else config.domain
         self.domain = DOMAINS[domain]
         self.example = few_shot_example(titles, categories, config.seed)
         if config.mode == "llm":
             self.model_key, self.version = generator.model_info()["key"], PROMPT_VERSION
+        elif config.mode == "llm-rank":
+            self.model_key = generator.model_info()["key"]
+            self.version = RANK_VERSION + ("" if config.calibrate else "-raw") + ("+model" if model_space else "")
         else:
             self.model_key, self.version = space.source, RETRIEVAL_VERSION
 
@@ -216,6 +246,11 @@ class ViewMaker:
                 prompts, self.config.max_new_tokens, self.config.temperature, self.config.seed
             )
             texts = dict(zip(keys, outputs))
+        rngs = {
+            user: np.random.default_rng([self.config.seed, int(history_hash(history), 16) % 2**32])
+            for user, history in histories.items()
+        }
+        ranked = self._rank(histories, rngs) if self.config.mode == "llm-rank" else {}
         parsed = {key: parse_titles(text) for key, text in texts.items()}
         flat = [title for titles in parsed.values() for title in titles]
         vectors = self.encoder.encode(flat) if flat else np.zeros((0, self.space.vectors.shape[1]), np.float32)
@@ -225,7 +260,7 @@ class ViewMaker:
             offset += len(titles)
         result = {}
         for user, history in histories.items():
-            rng = np.random.default_rng([self.config.seed, int(history_hash(history), 16) % 2**32])
+            rng = rngs[user]
             centre, own = self.space.profile(history)
             stats.own_profile_similarity_sum += float(own.sum())
             stats.own_items += len(own)
@@ -234,9 +269,12 @@ class ViewMaker:
                 counters = stats.per_view[view]
                 counters.users += 1
                 key = (user, view)
-                view_record = self._one_view(
-                    view, history, centre, own, parsed.get(key), offsets.get(key), texts.get(key, ""), rng, counters
-                )
+                if key in ranked:
+                    view_record = self.select_ranked(view, history, *ranked[key], rng, counters)
+                else:
+                    view_record = self._one_view(
+                        view, history, centre, own, parsed.get(key), offsets.get(key), texts.get(key, ""), rng, counters
+                    )
                 result[user][view] = view_record
                 counters.items += len(view_record.items)
                 counters.profile_similarity_sum += float(sum(view_record.profile_similarity))
@@ -254,7 +292,7 @@ class ViewMaker:
         rng: np.random.Generator,
         counters: PerView,
     ) -> View:
-        k, seen = self.config.items_per_view, set(int(i) for i in history)
+        seen = set(int(i) for i in history)
         grounded: list[tuple[int, float]] = []
         if titles is not None:
             counters.asked_llm += 1
@@ -264,13 +302,36 @@ class ViewMaker:
             counters.grounded_titles += len(grounded)
             counters.grounding_similarity_sum += sum(similarity for _, similarity in grounded)
             if view == "counterfactual":
-                ceiling = float(np.quantile(own, self.config.counterfactual_quantile))
-                unlike = [(item, s) for item, s in grounded if float(self.space.vectors[item] @ centre) < ceiling]
-                counters.rejected_as_too_similar += len(grounded) - len(unlike)
-                grounded = unlike
-        grounded = grounded[:k]
-        if titles is not None and len(grounded) >= self.config.min_grounded:
-            items, grounding = [item for item, _ in grounded], [s for _, s in grounded]
+                grounded = self._unlike_profile(grounded, centre, own, counters)
+        return self._complete(view, history, grounded if titles is not None else None, centre, text, rng, counters)
+
+    def _unlike_profile(
+        self, scored: list[tuple[int, float]], centre: np.ndarray, own: np.ndarray, counters: PerView
+    ) -> list[tuple[int, float]]:
+        """The counterfactual check: the items less typical of the user than the
+        ``counterfactual_quantile`` of its own items (rejections counted)."""
+        ceiling = float(np.quantile(own, self.config.counterfactual_quantile))
+        unlike = [(item, s) for item, s in scored if float(self.space.vectors[item] @ centre) < ceiling]
+        counters.rejected_as_too_similar += len(scored) - len(unlike)
+        return unlike
+
+    def _complete(
+        self,
+        view: str,
+        history: Sequence[int],
+        chosen: list[tuple[int, float]] | None,
+        centre: np.ndarray,
+        text: str,
+        rng: np.random.Generator,
+        counters: PerView,
+    ) -> View:
+        """The view from the LLM's usable ``(item, grounding)`` pairs, best first (None: the LLM
+        was not asked): padded with retrieval items up to ``items_per_view``, or replaced by the
+        retrieval view when fewer than ``min_grounded`` are usable; both counted."""
+        k, seen = self.config.items_per_view, set(int(i) for i in history)
+        chosen = chosen[:k] if chosen is not None else None
+        if chosen is not None and len(chosen) >= self.config.min_grounded:
+            items, grounding = [item for item, _ in chosen], [s for _, s in chosen]
             source = "llm"
             if len(items) < k:
                 extra = retrieval_view(view, self.space, history, k - len(items), seen | set(items), rng)
@@ -279,8 +340,94 @@ class ViewMaker:
             else:
                 counters.llm += 1
         else:
-            counters.fallback += titles is not None
+            counters.fallback += chosen is not None
             items = retrieval_view(view, self.space, history, k, seen, rng)
             grounding, source = [math.nan] * len(items), "retrieval"
         profile = [float(self.space.vectors[item] @ centre) for item in items]
         return View(items, source, grounding, profile, text)
+
+    def candidates(self, view: str, history: Sequence[int], rng: np.random.Generator) -> list[int]:
+        """The ``llm-rank`` candidates of one view, shuffled so that a label's position says
+        nothing about retrieval order: neighbours of the last item and of the recent items (text,
+        and the model's item embeddings when given), taken in turn; for the counterfactual view
+        every other candidate comes from the items least similar to the profile. No popularity:
+        a device cannot know it."""
+        n, seen = self.config.candidates, set(int(i) for i in history)
+        spaces = [self.space] + ([self.model_space] if self.model_space is not None else [])
+        near = _interleave(
+            [neighbours_of(space, history[-1:], n, seen) for space in spaces]
+            + [neighbours_of(space, history[-RECENT:], n, seen) for space in spaces],
+            n,
+        )
+        if view == "counterfactual":
+            near = _interleave([distant_items(self.space, history, n, seen, rng), near], n)
+        return [int(i) for i in rng.permutation(near)]
+
+    def calibration(self, view: str) -> np.ndarray:
+        """The label log-probabilities of the view's content-free prompt (every title ``N/A``),
+        computed once per view: the label bias that calibration subtracts."""
+        if view not in self._calibration:
+            blank = build_rank_prompt(
+                view,
+                [0] * self.config.history_len,
+                [0] * self.config.candidates,
+                self.titles,
+                self.categories,
+                self.domain,
+                content_free=True,
+            )
+            self._calibration[view] = self.generator.label_logprobs([blank], LABELS[: self.config.candidates])[0]
+        return self._calibration[view]
+
+    def _rank(
+        self, histories: Mapping[str, Sequence[int]], rngs: Mapping[str, np.random.Generator]
+    ) -> dict[tuple[str, str], tuple[list[int], np.ndarray]]:
+        """(candidates, label log-probabilities) of every user and view, one forward pass per prompt."""
+        keys, candidates, prompts = [], [], []
+        for user, history in histories.items():
+            recent = list(history[-self.config.history_len :])
+            for view in self.config.views:
+                listed = self.candidates(view, history, rngs[user])
+                keys.append((user, view))
+                candidates.append(listed)
+                prompts.append(build_rank_prompt(view, recent, listed, self.titles, self.categories, self.domain))
+        logprobs = self.generator.label_logprobs(prompts, LABELS[: self.config.candidates])
+        return {key: (listed, row[: len(listed)]) for key, listed, row in zip(keys, candidates, logprobs)}
+
+    def select_ranked(
+        self,
+        view: str,
+        history: Sequence[int],
+        candidates: Sequence[int],
+        logprobs: np.ndarray,
+        rng: np.random.Generator,
+        counters: PerView,
+        calibrate: bool | None = None,
+    ) -> View:
+        """The view from the candidates' label log-probabilities: the best ``items_per_view``
+        (calibrated unless ``calibrate`` or the config says otherwise; for the counterfactual,
+        those unlike the profile), padded or replaced by retrieval as in ``llm`` mode. The
+        record's ``text`` keeps the candidates and their raw log-probabilities."""
+        calibrate = self.config.calibrate if calibrate is None else calibrate
+        scores = logprobs - self.calibration(view)[: len(logprobs)] if calibrate else logprobs
+        centre, own = self.space.profile(history)
+        counters.asked_llm += 1
+        counters.parsed += 1
+        # ranked items are catalog items: grounding 1
+        ranked = [(int(candidates[i]), 1.0) for i in np.argsort(-np.asarray(scores), kind="stable")]
+        if view == "counterfactual":
+            ranked = self._unlike_profile(ranked, centre, own, counters)
+        text = json.dumps(
+            {"candidates": [int(i) for i in candidates], "logprobs": [round(float(v), 4) for v in logprobs]}
+        )
+        return self._complete(view, history, ranked, centre, text, rng, counters)
+
+
+def _interleave(lists: Sequence[Sequence[int]], n: int) -> list[int]:
+    """Up to ``n`` distinct items taken from ``lists`` in turn, each list in its order."""
+    chosen: list[int] = []
+    for row in zip(*[list(items) + [None] * (n - len(items)) for items in lists]):
+        for item in row:
+            if item is not None and item not in chosen and len(chosen) < n:
+                chosen.append(item)
+    return chosen

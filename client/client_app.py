@@ -167,8 +167,11 @@ def _train_cohort(
     drawn = [(position, user) for position, user in enumerate(data.users.tolist()) if user in chosen]
     trainable = [(position, user) for position, user in drawn if len(data.split.train[position]) > 1]
     sequences = [data.split.train[position] for position, _ in trainable]
-    if use_batched(run, objective.batched_cohorts, sequences):
-        update = _train_batched(model, context, config, [user for _, user in trainable], sequences)
+    if use_batched(run, objective.batched_refusal(run), sequences):
+        positions = [position for position, _ in trainable]
+        together = NodeData(data.dataset, data.users[positions], data.split.subset(positions))
+        inputs = objective.batched_inputs(model, together, context)
+        update = _train_batched(model, context, config, [user for _, user in trainable], sequences, inputs)
     else:
         update = _train_loop(model, objective, data, context, config, received, drawn)
     if update.examples == 0:  # no user of this cohort was drawn (or none has a training sample)
@@ -179,7 +182,12 @@ def _train_cohort(
 
 
 def _train_batched(
-    model: SASRec, context: Context, config: ConfigRecord, users: list[int], sequences: list[np.ndarray]
+    model: SASRec,
+    context: Context,
+    config: ConfigRecord,
+    users: list[int],
+    sequences: list[np.ndarray],
+    inputs: dict[str, object],
 ) -> CohortUpdate:
     run = context.run_config
     rngs = [_round_rng(run, user + 1, config) for user in users]
@@ -196,6 +204,7 @@ def _train_batched(
         int(run["batch-size"]),
         float(run["learning-rate"]),
         float(run["max-grad-norm"]),
+        **inputs,
     )
 
 

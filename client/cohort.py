@@ -23,13 +23,15 @@ cohort and round instead of one per user, so with dropout on, the two paths give
 distributed) models. The low-rank table pays where histories are short and the catalog large
 (Amazon: about one batch per local epoch); on long histories (ml-100k) its factors grow with
 every step and the loop is faster, so ``cohort-engine = "auto"`` picks per cohort and round.
-Supports the ``sasrec`` objective with SGD, clipping, any epochs and batch size; the others
-train in the loop (:func:`batched_refusal`).
+Supports the ``sasrec`` objective, and ``lumos`` when only its item-level view terms are on
+(future items as extra targets, counterfactual items' unlikelihood: per-row terms on the same
+softmax, so their gradient is one more ``Q``), with SGD, clipping, any epochs and batch size; the
+others train in the loop (:func:`batched_refusal`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lumosrec.core.batching import PrefixSamples
+from lumosrec.models.lumos import UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 
 #: run-config values of ``cohort-engine``
@@ -58,11 +61,11 @@ LAYER_WEIGHTS = (
 )
 
 
-def batched_refusal(run_config: Mapping, batched_objective: bool) -> str | None:
+def batched_refusal(run_config: Mapping, objective_refusal: str | None) -> str | None:
     """Why a cohort's users cannot train batched under ``run_config``, None when they can;
-    ``batched_objective`` says whether the run's objective supports it."""
-    if not batched_objective:
-        return f"the batched cohort engine trains the sasrec objective only, not {run_config['objective']}"
+    ``objective_refusal`` is the objective's own reason (:meth:`Objective.batched_refusal`)."""
+    if objective_refusal:
+        return objective_refusal
     if str(run_config["client-optimizer"]) != "sgd":
         return "the batched cohort engine trains with SGD only (Adam's per-element steps make each user's item table dense)"
     if str(run_config["strategy"]).lower() == "fedprox":
@@ -70,11 +73,11 @@ def batched_refusal(run_config: Mapping, batched_objective: bool) -> str | None:
     return None
 
 
-def use_batched(run_config: Mapping, batched_objective: bool, sequences: list[np.ndarray]) -> bool:
+def use_batched(run_config: Mapping, objective_refusal: str | None, sequences: list[np.ndarray]) -> bool:
     """Whether to train these users batched: ``cohort-engine`` says so, or it is ``auto`` and the
     users' histories are short (on average at most one batch per local epoch), where it is faster."""
     engine = str(run_config.get("cohort-engine", "auto"))
-    refusal = batched_refusal(run_config, batched_objective)
+    refusal = batched_refusal(run_config, objective_refusal)
     if engine == "loop" or not sequences:
         return False
     if engine == "batched":
@@ -102,10 +105,20 @@ def train_batched(
     batch_size: int,
     learning_rate: float,
     max_grad_norm: float,
+    views: UserViews | None = None,
 ) -> CohortUpdate:
     """Train each user (training sequence ``sequences[k]``, shuffled by ``rngs[k]``) on its own
     from ``model``'s weights with SGD for ``epochs`` epochs; return the example-weighted mean of
-    the users' models. ``model`` is left unchanged; dropout is on when ``model.training``."""
+    the users' models. ``model`` is left unchanged; dropout is on when ``model.training``.
+    ``views`` (row ``k`` for user ``k``) add LUMOS's item-level view terms
+    (:meth:`lumosrec.models.lumos.LUMOS.view_item_terms`) to each user's loss; ``model`` is then
+    a LUMOS model whose contrastive terms and substitution are off."""
+    item_terms = None
+    if views is not None:
+
+        def item_terms(log_probs: torch.Tensor, users: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return model.view_item_terms(log_probs, users, targets, views)
+
     samples = [PrefixSamples([sequence], model.config.max_len) for sequence in sequences]
     plans = [[b for _ in range(epochs) for b in s.epoch(batch_size, rng)] for s, rng in zip(samples, rngs)]
     state = _CohortState.start(model, sequences, plans)
@@ -120,7 +133,9 @@ def train_batched(
                 if one_pass[u] == whole
             ]
             for group in _shape_groups(shapes):
-                state.step(group, batches, model.config, learning_rate, max_grad_norm, model.training, whole)
+                state.step(
+                    group, batches, model.config, learning_rate, max_grad_norm, model.training, whole, item_terms
+                )
     counts = [len(s) for s in samples]
     weights = torch.tensor(counts, dtype=state.table0.dtype, device=state.table0.device) / sum(counts)
     seen = [sum(map(len, plan)) for plan in plans]
@@ -191,7 +206,7 @@ class _CohortState:
 
     @classmethod
     def start(cls, model: SASRec, sequences: list[np.ndarray], plans: list[list[np.ndarray]]) -> _CohortState:
-        table0 = model.item_embedding.weight.detach()
+        table0, shared = model.item_embedding.weight.detach(), model.shared_state_dict()
         users, (items_total, width), dtype, device = len(sequences), table0.shape, table0.dtype, table0.device
         own = [np.unique(sequence) for sequence in sequences]
         sizes = [sum(map(len, plan)) for plan in plans]
@@ -200,10 +215,11 @@ class _CohortState:
         return cls(
             table0=table0,
             sequences=sequences,
+            # the backbone only: a model's private parameters (LUMOS's head) are neither trained here nor sent
             theta={
                 name: p.detach().unsqueeze(0).repeat(users, *([1] * p.dim()))
                 for name, p in model.named_parameters()
-                if name != TABLE
+                if name != TABLE and name in shared
             },
             own=own,
             own_rows=[table0[torch.from_numpy(items).to(device)].clone() for items in own],
@@ -241,13 +257,16 @@ class _CohortState:
         max_grad_norm: float,
         training: bool,
         whole: bool,
+        item_terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """One SGD step of a group of users whose batches are padded to one shape. ``whole``: every
         prefix of these users fits in max-len, so one causal pass over each user's sequence (all
         but its last item) encodes all of its batch's prefixes: the hidden state at position
         ``k`` is prefix ``k + 1``'s. Without dropout that is the per-sample arithmetic exactly;
         with dropout, a step's prefixes share the masks of the positions they share (each
-        prefix's masks are still drawn as in the loop, the prefixes are no longer independent)."""
+        prefix's masks are still drawn as in the loop, the prefixes are no longer independent).
+        ``item_terms(log_probs, users, targets)``: extra per-row losses over the rows' log-softmax
+        (``users`` = the rows' users' indices), whose gradient joins the softmax's."""
         table0, own, device = self.table0, self.own, self.table0.device
         size, dtype = len(group), table0.dtype
         rows = max(len(batches[u][2]) for u in group)
@@ -298,6 +317,13 @@ class _CohortState:
             q = log_q.exp_()
             q[torch.arange(size)[:, None], torch.arange(rows)[None, :], targets] -= 1.0
             q *= weight[:, :, None]  # d(mean loss)/d logits; zero on padded rows
+            if item_terms is not None:
+                with torch.enable_grad():
+                    free = logits.requires_grad_(True)
+                    users = index[:, None].expand(size, rows)
+                    extra = item_terms(torch.log_softmax(free, -1), users, targets) * weight
+                    q += torch.autograd.grad(extra.sum(), free)[0]
+                row_loss = row_loss + extra.detach()
             q_own = q.gather(2, spread)
             grad_h = torch.matmul(q, table0) + torch.bmm(q_own, sparse)
             for g, u in enumerate(group):

@@ -180,7 +180,7 @@ def visits(args: argparse.Namespace, report: dict, report_path: Path) -> None:
             entry = {"compute_floor_ms_per_user_visit": floor, "cohort_size": cohort_size}
             modes = {"one_user_nodes": (0, "loop"), "cohorts_loop": (cohort_size, "loop")}
             run = {**default_run_config(), "objective": objective}
-            if use_batched(run, objective_for(run).batched_cohorts, split.train):
+            if use_batched(run, objective_for(run).batched_refusal(run), split.train):
                 modes["cohorts_batched"] = (cohort_size, "batched")
             for mode, (size, engine) in modes.items():
                 entry[mode] = visit_cost(

@@ -78,7 +78,7 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
         raise ConfigError("cohort-size must be 0 (off) or the number of users a cohort node holds")
     refusal = cohort_refusal(merged)
     if not refusal and cohort_size(merged) and merged["cohort-engine"] == "batched":
-        refusal = batched_refusal(merged, objective_for(merged).batched_cohorts)
+        refusal = batched_refusal(merged, objective_for(merged).batched_refusal(merged))
         if refusal:
             refusal += '; use cohort-engine="auto", which trains such users one after the other'
     if refusal:

@@ -402,8 +402,9 @@ def _add_views(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument(
         "--views",
         default="llm",
-        choices=("llm", "retrieval"),
-        help="'retrieval': no LLM, neighbour/distant items only (ablations, datasets without text)",
+        choices=("llm", "llm-rank", "retrieval"),
+        help="'llm-rank': the LLM orders catalog candidates (one forward pass per view, transformers backend); "
+        "'retrieval': no LLM, neighbour/distant items only (ablations, datasets without text)",
     )
     make.add_argument(
         "--model",

@@ -42,8 +42,7 @@ from lumosrec.launch.app import (
     flower_env,
     free_port,
 )
-from lumosrec.server import checkpoint
-from lumosrec.server.server_app import fingerprint
+from lumosrec.server.server_app import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ def simulate(
 def _check_resumable(run_config: Mapping) -> None:
     """Refuse early, with one line, to resume a checkpoint written with other settings."""
     try:
-        checkpoint.load(Path(str(run_config["out-dir"])), fingerprint(run_config))
+        load_checkpoint(Path(str(run_config["out-dir"])), run_config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

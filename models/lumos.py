@@ -18,6 +18,19 @@ is an extra hard negative in both denominators; similarity is the cosine over ``
 contrastive terms use a random subset of ``contrastive_rows`` samples of each batch: every view
 costs one more encoder pass over the rows it covers.
 
+Beside the contrast, the views can act on the item table directly (issue 17; each a weight, 0 = off):
+
+* the *future* items as extra, down-weighted next-item targets: ``w_f`` times the mean of their
+  cross-entropy (``future_target_weight``), on the user's last ``future_horizon`` prefixes (the
+  view continues the end of the history; 0: on every prefix);
+* the *counterfactual* items as explicit negatives: ``w_c`` times the mean unlikelihood
+  ``-log(1 - p(c | h))`` of the user's representation (``counterfactual_negative_weight``);
+* the *paraphrase* items as input substitutions: each of the most recent items is replaced by its
+  paraphrase item with probability ``paraphrase_substitution`` (a semantic augmentation).
+
+The contrastive terms move the shared item embeddings only through the encoder; these terms put the
+views' items into the softmax, where FedAvg learns the table.
+
 The paper's formulas and weights are not public (``research/lumos.md``); how the views become
 sequences is this project's reading, recorded in ``docs/decisions.md``:
 
@@ -52,14 +65,29 @@ VIEW_NAMES = ("future", "paraphrase", "counterfactual")
 class LUMOSConfig(SASRecConfig):
     """SASRec's hyper-parameters plus the tri-view objective's."""
 
-    lambda_future: float = 0.02  # lambda_f; 0.02 beat 0.1 on ml-100k validation (docs/decisions.md)
-    lambda_paraphrase: float = 0.02  # lambda_p
+    # the InfoNCE terms are off by default: level with FedAvg at 2-6x its cost in the issue-17 sweep,
+    # where the future targets on the last 5 prefixes won on both datasets (docs/decisions.md)
+    lambda_future: float = 0.0  # lambda_f (0.02 was the default before the sweep)
+    lambda_paraphrase: float = 0.0  # lambda_p
     tau: float = 0.2
     use_counterfactual: bool = True
     projection_size: int = 64
     #: samples of a batch that enter the InfoNCE terms (0: all); every view costs one more
     #: encoder pass over them, so this bounds the objective's cost at training time
     contrastive_rows: int = 16
+    #: weight of the future items as extra next-item targets (0: off)
+    future_target_weight: float = 1.0
+    #: the future items are extra targets of the user's last this many prefixes (0: of every prefix)
+    future_horizon: int = 5
+    #: weight of the counterfactual items' unlikelihood (0: off)
+    counterfactual_negative_weight: float = 0.0
+    #: chance that each recent input item is replaced by its paraphrase item (0: off)
+    paraphrase_substitution: float = 0.0
+
+    @property
+    def contrastive(self) -> bool:
+        """Whether any InfoNCE term is on (each costs encoder passes over the views)."""
+        return self.lambda_future > 0 or self.lambda_paraphrase > 0
 
 
 class UserViews:
@@ -70,14 +98,23 @@ class UserViews:
     views : sequence of mapping
         Per user (in the node's user order), ``{view name: item indices}``; a missing or empty
         view switches that user's term off (its mask row is false).
+    recent : sequence of sequence of int, optional
+        Per user, the last training items whose prefixes take the future items as extra targets
+        (``future_horizon``); None: every prefix does.
     """
 
-    def __init__(self, views: Sequence[Mapping[str, Sequence[int]]]) -> None:
+    def __init__(
+        self, views: Sequence[Mapping[str, Sequence[int]]], recent: Sequence[Sequence[int]] | None = None
+    ) -> None:
         self.items: dict[str, torch.Tensor] = {}
         self.lengths: dict[str, torch.Tensor] = {}
         for name in VIEW_NAMES:
             rows = [np.asarray(user.get(name, ()), dtype=np.int64) for user in views]
             self.items[name], self.lengths[name] = pad_sequences(rows, max((len(row) for row in rows), default=1))
+        self.recent = None
+        if recent is not None:
+            rows = [np.asarray(items, dtype=np.int64) for items in recent]
+            self.recent, _ = pad_sequences(rows, max((len(row) for row in rows), default=1))
 
     def __len__(self) -> int:
         return len(self.lengths[VIEW_NAMES[0]])
@@ -198,6 +235,51 @@ class LUMOS(SASRec):
             total = total + weight * info_nce(anchor[keep], z[name][keep], self.config.tau, hard_negatives=hard)
         return total
 
+    def view_item_terms(
+        self, log_probs: torch.Tensor, users: torch.Tensor, targets: torch.Tensor, views: UserViews
+    ) -> torch.Tensor:
+        """Each row's item-level view loss: the future items' mean cross-entropy times
+        ``future_target_weight`` (on the rows of the user's last ``future_horizon`` prefixes: those
+        whose target is one of ``views.recent``) plus the counterfactual items' mean unlikelihood
+        times ``counterfactual_negative_weight``. ``log_probs`` (..., items) are the rows'
+        log-softmax over the items, ``users`` (...) index the rows of ``views``, ``targets`` (...)
+        are the rows' next items; a user without a view adds nothing. The batched cohort engine
+        calls this too, so that both train the same loss."""
+        config, total = self.config, log_probs.new_zeros(log_probs.shape[:-1])
+        if config.future_target_weight > 0:
+            future = views.items["future"].to(log_probs.device)[users]
+            term = _masked_mean(-log_probs.gather(-1, future), future > 0)
+            if views.recent is not None:
+                recent = views.recent.to(log_probs.device)[users]
+                near_end = ((recent == targets[..., None]) & (recent > 0)).any(-1)
+                term = torch.where(near_end, term, torch.zeros((), dtype=term.dtype, device=term.device))
+            total = total + config.future_target_weight * term
+        if config.counterfactual_negative_weight > 0:
+            negatives = views.items["counterfactual"].to(log_probs.device)[users]
+            # clamped so that a certain negative gives a large finite loss, not inf
+            chosen = log_probs.gather(-1, negatives).exp().clamp(max=1 - 1e-6)
+            total = total + config.counterfactual_negative_weight * _masked_mean(-torch.log1p(-chosen), negatives > 0)
+        return total
+
+    def substitute_paraphrases(
+        self, items: torch.Tensor, lengths: torch.Tensor, users: torch.Tensor, views: UserViews
+    ) -> torch.Tensor:
+        """``items`` with each of a row's most recent ``m = min(n, |paraphrase|)`` items replaced,
+        with probability ``paraphrase_substitution``, by the paraphrase item in its place (the
+        alignment of the paraphrase sequence: the ``i``-th of the last ``m`` items by item ``i``).
+        Draws from torch's generator, which the client seeds per user and round."""
+        paraphrase = views.items["paraphrase"].to(items.device)[users]
+        m = torch.minimum(lengths, views.lengths["paraphrase"].to(items.device)[users])
+        index = torch.arange(items.shape[1], device=items.device)[None, :] - (lengths - m)[:, None]
+        inside = (index >= 0) & (index < m[:, None])
+        replacement = paraphrase.gather(1, index.clamp(0, max(paraphrase.shape[1] - 1, 0)))
+        swap = (
+            inside
+            & (replacement > 0)
+            & (torch.rand(items.shape, device=items.device) < self.config.paraphrase_substitution)
+        )
+        return torch.where(swap, replacement, items)
+
     def loss(
         self,
         items: torch.Tensor,
@@ -206,14 +288,31 @@ class LUMOS(SASRec):
         users: torch.Tensor | None = None,
         views: UserViews | None = None,
     ) -> torch.Tensor:
-        """Next-item cross-entropy plus the tri-view terms over ``views`` (the node's users'
-        views, indexed by ``users``); without views, SASRec's loss alone."""
+        """Next-item cross-entropy plus the view terms over ``views`` (the node's users' views,
+        indexed by ``users``): item-level, then tri-view; without views, SASRec's loss alone."""
+        config = self.config
+        if views is None or users is None:
+            return super().loss(items, lengths, targets)
+        if config.paraphrase_substitution > 0:
+            items = self.substitute_paraphrases(items, lengths, users, views)
         anchors = self.encode(items, lengths)
-        loss = self.recommendation_loss(anchors, targets)
-        if views is None or users is None or not self._active_views():
+        logits = self.item_logits(anchors)
+        logits[:, 0] = -torch.inf
+        log_probs = torch.log_softmax(logits, -1)
+        loss = F.nll_loss(log_probs, targets)
+        if config.future_target_weight > 0 or config.counterfactual_negative_weight > 0:
+            loss = loss + self.view_item_terms(log_probs, users, targets, views).mean()
+        if not self._active_views():
             return loss
-        rows = self.config.contrastive_rows
+        rows = config.contrastive_rows
         if 0 < rows < len(items):
             chosen = torch.randperm(len(items), device=items.device)[:rows]
             anchors, items, lengths, users = anchors[chosen], items[chosen], lengths[chosen], users[chosen]
         return loss + self.contrastive_loss(anchors, items, lengths, users, views)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the last axis where ``mask`` holds (0 where it never does);
+    masked-out values (inf for padding) reach neither the result nor the gradient."""
+    kept = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return kept.sum(-1) / mask.sum(-1).clamp(min=1)

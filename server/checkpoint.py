@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,14 +49,21 @@ def save(directory: Path, state: RoundState, strategy: Strategy) -> None:
     os.replace(temporary, target)
 
 
-def load(directory: Path, fingerprint: dict) -> RoundState | None:
-    """The last completed round's state, if a checkpoint of the same run exists."""
+def load(
+    directory: Path, fingerprint: dict, optional: Collection[str] = (), ignored: Collection[str] = ()
+) -> RoundState | None:
+    """The last completed round's state, if a checkpoint of the same run exists. ``optional``
+    keys count only when on: a checkpoint that recorded one as off (0, false) matches a
+    fingerprint without it. ``ignored`` keys recorded by the checkpoint do not count."""
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
         return None
     state = RoundState(**torch.load(path, weights_only=False))
-    if state.fingerprint != fingerprint:
-        changed = sorted(k for k in fingerprint if state.fingerprint.get(k) != fingerprint[k])
+    stored = {
+        key: value for key, value in state.fingerprint.items() if key not in ignored and (key not in optional or value)
+    }
+    if stored != fingerprint:
+        changed = sorted(k for k in {*fingerprint, *stored} if stored.get(k) != fingerprint.get(k))
         raise ValueError(
             f"{path} belongs to a run with different settings ({', '.join(changed)}); "
             "use another out-dir or set resume=false"

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
-from lumosrec.client.objectives import fingerprint_keys, method_name
+from lumosrec.client.objectives import foreign_keys, later_keys, method_name, objective_for
 from lumosrec.core.data import run_data
 from lumosrec.core.dataset import catalog_size, sample_users
 from lumosrec.core.errors import ConfigError
@@ -58,11 +58,24 @@ FINGERPRINT_KEYS = (
 
 
 def fingerprint(run: Mapping) -> dict:
-    """The run's settings that a checkpoint must have been written with to be resumed."""
-    found = {key: run[key] for key in (*FINGERPRINT_KEYS, *fingerprint_keys()) if key in run}
+    """The run's settings that a checkpoint must have been written with to be resumed: the shared
+    ones and the run's objective's (its later knobs only when on)."""
+    optional = later_keys()
+    found = {
+        key: run[key]
+        for key in (*FINGERPRINT_KEYS, *objective_for(run).fingerprint_keys)
+        if key in run and not (key in optional and not run[key])
+    }
     if cohort_size(run):  # only when on: checkpoints from before cohorts existed still resume
         found["cohort-size"] = cohort_size(run)
     return found
+
+
+def load_checkpoint(out: Path, run: Mapping) -> checkpoint.RoundState | None:
+    """The checkpoint in ``out`` if it was written by a run with ``run``'s settings (a ValueError
+    naming the settings that differ otherwise); checkpoints written before a knob existed, or
+    when fingerprints held every objective's keys, still resume."""
+    return checkpoint.load(out, fingerprint(run), later_keys(), foreign_keys(run))
 
 
 def metrics_from_histograms(aggregated: Mapping) -> dict[str, dict[str, dict[str, float]]]:
@@ -161,7 +174,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     model = build_model("sasrec", num_items, **model_sizes(run))
     num_nodes = len(list(grid.get_node_ids()))
     strategy = build_strategy(run, max(1, round(float(run["fraction-train"]) * num_nodes)))
-    state = checkpoint.load(out, fingerprint(run)) if bool(run["resume"]) else None
+    state = load_checkpoint(out, run) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
     if state is None:
         state = checkpoint.RoundState(0, model.state_dict(), fingerprint=fingerprint(run))

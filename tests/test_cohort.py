@@ -17,6 +17,7 @@ from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.core.training import train_epochs
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.launch.inprocess import run_in_process
+from lumosrec.models.lumos import LUMOS, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 from lumosrec.server import checkpoint
 from lumosrec.server.server_app import fingerprint, round_users
@@ -101,7 +102,18 @@ def test_cohorts_none_of_whose_users_is_drawn_do_not_count(data_dir: Path, tmp_p
         ({"dp-clipping-norm": 1.0}, "with DP clipping"),
         ({"users-per-client": 5}, "exclude each other"),
         ({"cohort-size": -1}, "must be 0"),
-        ({"cohort-engine": "batched", "objective": "lumos"}, "sasrec objective only"),
+        ({"cohort-engine": "batched", "objective": "cl4srec"}, "does not train the cl4srec objective"),
+        ({"cohort-engine": "batched", "objective": "lumos", "lumos-lambda-future": 0.02}, "item-level view terms only"),
+        (
+            {
+                "cohort-engine": "batched",
+                "objective": "lumos",
+                "lumos-lambda-future": 0.0,
+                "lumos-lambda-paraphrase": 0.0,
+                "lumos-paraphrase-substitution": 0.2,
+            },
+            "no paraphrase substitution",
+        ),
         ({"cohort-engine": "batched", "client-optimizer": "adam"}, "SGD only"),
         ({"cohort-engine": "batched", "strategy": "fedprox"}, "no FedProx"),
         ({"cohort-engine": "fast"}, "choose one of auto, batched, loop"),
@@ -117,11 +129,28 @@ def test_too_few_nodes_for_min_nodes_is_an_error_not_a_hang(data_dir: Path, tmp_
         run_in_process({"data": str(data_dir), "out-dir": str(tmp_path / "one"), "cohort-size": 100})
 
 
-@pytest.mark.parametrize("clipping, rate", [(1.0, 0.5), (0.0, 0.05)])  # unclipped, 0.5 diverges in both
+#: LUMOS with only its item-level view terms on, over retrieval views: the batched engine trains it
+LUMOS_ITEM_TERMS = {
+    "objective": "lumos",
+    "views": "retrieval",
+    "lumos-lambda-future": 0.0,
+    "lumos-lambda-paraphrase": 0.0,
+    "lumos-future-targets": 0.5,
+    "lumos-counterfactual-negatives": 1.0,
+}
+
+
+@pytest.mark.parametrize(
+    "clipping, rate, objective",
+    [(1.0, 0.5, {}), (0.0, 0.05, {}), (1.0, 0.5, LUMOS_ITEM_TERMS)],  # unclipped, 0.5 diverges in both
+    ids=["clipped", "unclipped", "lumos-item-terms"],
+)
 def test_batched_cohorts_give_the_global_model_of_the_loop(
-    data_dir: Path, tmp_path: Path, clipping: float, rate: float
+    data_dir: Path, tmp_path: Path, clipping: float, rate: float, objective: dict
 ) -> None:
-    settings = {"cohort-size": 10, "max-grad-norm": clipping, "learning-rate": rate}
+    settings = {"cohort-size": 10, "max-grad-norm": clipping, "learning-rate": rate, **objective}
+    if objective:
+        settings["views-dir"] = str(tmp_path / "views")
     loop = _global_weights(data_dir, tmp_path / "loop", **settings, **{"cohort-engine": "loop"})
     batched = _global_weights(data_dir, tmp_path / "batched", **settings, **{"cohort-engine": "batched"})
     assert set(loop) == set(batched)
@@ -130,17 +159,41 @@ def test_batched_cohorts_give_the_global_model_of_the_loop(
         assert float((batched[key] - value).abs().max()) <= 1e-5 * scale, key
 
 
+@pytest.mark.parametrize("item_views", [False, True], ids=["sasrec", "lumos-item-terms"])
 @pytest.mark.parametrize("clipping", [1.0, 0.0])
-def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float) -> None:
+def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, item_views: bool) -> None:
     """The low-rank item table and stacked weights are the loop's arithmetic, not an approximation:
-    in float64 the mean model equals the per-user loop's to rounding."""
+    in float64 the mean model equals the per-user loop's to rounding; with LUMOS's item-level
+    view terms (future items as targets, counterfactual items' unlikelihood) too."""
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
-        model = SASRec(SASRecConfig(num_items=40, max_len=8, hidden_size=16, inner_size=32, dropout=0.0))
+        sizes = dict(num_items=40, max_len=8, hidden_size=16, inner_size=32, dropout=0.0)
         generator = np.random.default_rng(3)
         # short and long histories: one batch per epoch, several batches, truncation at max-len
         sequences = [generator.integers(1, 41, size=n) for n in (2, 3, 5, 9, 12, 20)]
+        user_views = None
+        # the future targets on each user's last two prefixes
+        recent = [sequence[-2:].tolist() for sequence in sequences]
+        if item_views:
+            config = LUMOSConfig(
+                **sizes,
+                lambda_future=0.0,
+                lambda_paraphrase=0.0,
+                future_target_weight=0.5,
+                counterfactual_negative_weight=2.0,
+            )
+            model = LUMOS(config)
+            # views of different lengths, one user without a future view
+            user_views = [
+                {
+                    "future": generator.integers(1, 41, size=(u * 2) % 5).tolist(),
+                    "counterfactual": generator.integers(1, 41, size=3).tolist(),
+                }
+                for u in range(6)
+            ]
+        else:
+            model = SASRec(SASRecConfig(**sizes))
         settings = dict(epochs=2, batch_size=4)
         batched = train_batched(
             model,
@@ -149,9 +202,11 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float) -> N
             **settings,
             learning_rate=0.5,
             max_grad_norm=clipping,
+            views=UserViews(user_views, recent) if user_views else None,
         )
         initial = {key: value.clone() for key, value in model.state_dict().items()}
-        expected = {key: torch.zeros_like(value) for key, value in initial.items()}
+        # what a client sends: the backbone (LUMOS's private head is neither trained here nor sent)
+        expected = {key: torch.zeros_like(value) for key, value in model.shared_state_dict().items()}
         counts, losses = [len(s) - 1 for s in sequences], []
         for user, sequence in enumerate(sequences):
             model.load_state_dict(initial)
@@ -163,16 +218,18 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float) -> N
                 rng=np.random.default_rng([1, user]),
                 device=torch.device("cpu"),
                 max_grad_norm=clipping,
+                loss_inputs={"views": UserViews([user_views[user]], [recent[user]])} if user_views else None,
                 **settings,
             )
             losses.append(loss)
-            for key, value in model.state_dict().items():
+            for key, value in model.shared_state_dict().items():
                 expected[key] += counts[user] / sum(counts) * value
         model.load_state_dict(initial)
     finally:
         torch.set_default_dtype(torch.float32)
     assert batched.examples == sum(counts) and batched.seen == 2 * sum(counts)
     assert batched.loss == pytest.approx(np.dot(counts, losses) / sum(counts), rel=1e-10)
+    assert set(batched.mean) == set(expected)
     for key, value in expected.items():
         change = float((value - initial[key]).abs().max())
         assert change > 0, key  # every tensor trained
@@ -182,8 +239,8 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float) -> N
 def test_auto_trains_short_histories_batched_and_the_rest_in_the_loop() -> None:
     run = default_run_config()  # sasrec, SGD, FedAvg, batch 64, cohort-engine auto
     short, long = [np.arange(1, 9)] * 4, [np.arange(1, 200)] * 4
-    assert use_batched(run, True, short) and not use_batched(run, True, long)
-    assert not use_batched(run, False, short)  # an objective without a batched form
-    assert not use_batched({**run, "client-optimizer": "adam"}, True, short)
-    assert not use_batched({**run, "cohort-engine": "loop"}, True, short)
-    assert use_batched({**run, "cohort-engine": "batched"}, True, long)
+    assert use_batched(run, None, short) and not use_batched(run, None, long)
+    assert not use_batched(run, "no batched form", short)  # the objective refuses
+    assert not use_batched({**run, "client-optimizer": "adam"}, None, short)
+    assert not use_batched({**run, "cohort-engine": "loop"}, None, short)
+    assert use_batched({**run, "cohort-engine": "batched"}, None, long)

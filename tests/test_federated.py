@@ -277,6 +277,19 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     np.testing.assert_array_equal(fresh.m_t["w"], np.ones(3))  # server-optimizer state survives
     with pytest.raises(ValueError, match="different settings \\(seed\\)"):
         checkpoint.load(tmp_path, {"seed": 2})
+    # a knob added later and recorded as off matches a run that does not know it; on, it does not
+    for value, resumes in ((0.0, True), (0.5, False)):
+        state.fingerprint = {"seed": 1, "lumos-future-targets": value}
+        checkpoint.save(tmp_path, state, strategy)
+        if resumes:
+            assert checkpoint.load(tmp_path, {"seed": 1}, optional={"lumos-future-targets"}) is not None
+        else:
+            with pytest.raises(ValueError, match="different settings \\(lumos-future-targets\\)"):
+                checkpoint.load(tmp_path, {"seed": 1}, optional={"lumos-future-targets"})
+    # another objective's knobs, recorded when fingerprints held every objective's keys, do not count
+    state.fingerprint = {"seed": 1, "cl-weight": 0.1}
+    checkpoint.save(tmp_path, state, strategy)
+    assert checkpoint.load(tmp_path, {"seed": 1}, ignored={"cl-weight"}) is not None
 
 
 @pytest.mark.parametrize("num_users,partitions", [(60, 7), (10, 10), (22363, 22363), (5, 3)])

@@ -57,8 +57,10 @@ def task_identity() -> None:
 
 
 def _model(**overrides) -> LUMOS:
+    """A small LUMOS with the InfoNCE terms on and the item-level terms off, unless overridden."""
     torch.manual_seed(0)
-    return LUMOS(LUMOSConfig(num_items=30, max_len=6, hidden_size=16, inner_size=32, **overrides)).eval()
+    weights = {"lambda_future": 0.02, "lambda_paraphrase": 0.02, "future_target_weight": 0.0, **overrides}
+    return LUMOS(LUMOSConfig(num_items=30, max_len=6, hidden_size=16, inner_size=32, **weights)).eval()
 
 
 VIEWS = UserViews(
@@ -118,6 +120,58 @@ def test_counterfactual_is_a_hard_negative_and_zero_weights_give_sasrec() -> Non
         assert with_negative > without_negative
         off = _model(lambda_future=0.0, lambda_paraphrase=0.0)
         assert off.loss(items, lengths, targets, users, views=VIEWS) == SASRec.loss(off, items, lengths, targets)
+
+
+def _view_item_probability(model: LUMOS, view: str) -> float:
+    """The mean log-probability the model gives the views' items of ``view`` on BATCH."""
+    items, lengths, _, users = BATCH
+    with torch.no_grad():
+        logits = model.score(items, lengths)
+        logits[:, 0] = -torch.inf
+        log_probs = torch.log_softmax(logits, -1)
+        chosen = VIEWS.items[view][users]
+        return float(log_probs.gather(1, chosen)[chosen > 0].mean())
+
+
+@pytest.mark.parametrize(
+    "weight, view, direction",
+    [("future_target_weight", "future", 1.0), ("counterfactual_negative_weight", "counterfactual", -1.0)],
+)
+def test_item_level_view_terms_move_the_views_items_in_the_item_table(weight: str, view: str, direction: float) -> None:
+    """Future items become likelier, counterfactual items less likely, than under SASRec's loss alone."""
+    moved = {}
+    for value in (0.0, 1.0):
+        model = _model(lambda_future=0.0, lambda_paraphrase=0.0, **{weight: value})
+        before = _view_item_probability(model, view)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # small: one step in the linear regime
+        model.loss(*BATCH, views=VIEWS).backward()
+        optimizer.step()
+        moved[value] = _view_item_probability(model, view) - before
+    assert direction * (moved[1.0] - moved[0.0]) > 0
+
+
+def test_future_targets_serve_the_last_prefixes_only_within_the_horizon() -> None:
+    *_, targets, users = BATCH  # targets 6 and 8
+    model = _model(future_target_weight=1.0)
+    log_probs = torch.log_softmax(torch.randn(2, 31), -1)
+    everywhere = model.view_item_terms(log_probs, users, targets, VIEWS)
+    # user 0's last training item is its row's target, user 1's is not
+    recent = UserViews([{"future": [21, 22]}, {"future": [29]}], recent=[[5, 6], [7]])
+    near_end = model.view_item_terms(log_probs, users, targets, recent)
+    assert float(near_end[0]) == pytest.approx(float(everywhere[0])) and float(everywhere[0]) > 0
+    assert float(near_end[1]) == 0.0 < float(everywhere[1])
+
+
+def test_paraphrase_substitution_replaces_the_recent_items_in_place() -> None:
+    items, lengths, _, users = BATCH
+    every = _model(paraphrase_substitution=1.0).substitute_paraphrases(items, lengths, users, VIEWS)
+    # user 0: the last three items by its paraphrase items in order; user 1 has no paraphrase view
+    assert every.tolist() == [[1, 2, 23, 24, 25], [6, 7, 0, 0, 0]]
+    torch.manual_seed(1)
+    some = _model(paraphrase_substitution=0.5).substitute_paraphrases(items, lengths, users, VIEWS)
+    # each recent position keeps its item or takes the paraphrase item of its place, nothing else
+    assert all(int(s) in (int(i), int(e)) for s, i, e in zip(some.flatten(), items.flatten(), every.flatten()))
+    assert some[:, :2].tolist() == items[:, :2].tolist()
 
 
 def _train(run_config: dict, context: Context, arrays: ArrayRecord) -> Message:
@@ -185,6 +239,17 @@ def test_views_without_item_text_follow_the_received_model(run_config: dict) -> 
     )
     assert all(len(v["future"]) == settings.items_per_view for v in first)
     assert first != second
+
+
+def test_views_over_the_model_follow_it_on_a_text_catalog_too(run_config: dict) -> None:
+    run = {**run_config, "views": "model"}
+    dataset = run_data(run)
+    histories = [s[:-2] for s in dataset.sequences[:3]]
+    settings = ViewSettings.from_config(run, {})
+    tables = [np.random.default_rng(seed).normal(size=(dataset.num_items + 1, 8)) for seed in (0, 1)]
+    first, second = (client_views(dataset, [0, 1, 2], histories, settings, table) for table in tables)
+    assert first != second  # the text would give the same views twice
+    assert OBJECTIVES["lumos"].prepare_ahead(run, progress=False) is None  # nothing to make ahead
 
 
 @pytest.mark.slow

@@ -53,9 +53,17 @@ def test_an_objectives_keys_and_defaults_are_the_apps(name: str) -> None:
 
 def test_only_result_changing_keys_block_a_resume() -> None:
     run = default_run_config()
-    assert fingerprint({**run, "lumos-tau": 0.5}) != fingerprint(run)
-    assert fingerprint({**run, "cl-weight": 0.5}) != fingerprint(run)
+    assert fingerprint({**run, "objective": "lumos", "lumos-tau": 0.5}) != fingerprint({**run, "objective": "lumos"})
+    cl4srec = {**run, "objective": "cl4srec"}
+    assert fingerprint({**cl4srec, "cl-weight": 0.5}) != fingerprint(cl4srec)
+    # another objective's knob does not change what this run trains
+    assert fingerprint({**run, "cl-weight": 0.5}) == fingerprint(run)
     assert fingerprint({**run, "views-dir": "/elsewhere", "views-backend": "llamacpp"}) == fingerprint(run)
+    # a knob added later blocks a resume when on, and is absent when off: older checkpoints resume
+    lumos = {**run, "objective": "lumos", "lumos-counterfactual-negatives": 0.0}
+    assert fingerprint({**lumos, "lumos-counterfactual-negatives": 0.5}) != fingerprint(lumos)
+    older = {key: value for key, value in lumos.items() if key != "lumos-counterfactual-negatives"}
+    assert fingerprint(older) == fingerprint(lumos)
 
 
 def test_method_names_come_from_the_objectives() -> None:

@@ -35,10 +35,16 @@ def method_name(run_config: Mapping) -> str:
     return objective_for(run_config).method_name(str(run_config["strategy"]))
 
 
-def fingerprint_keys() -> tuple[str, ...]:
-    """Every objective's result-changing keys, not only the run's objective's: the fingerprint
-    then has the keys it had before objectives declared their own, and older checkpoints resume."""
-    return tuple(dict.fromkeys(key for objective in OBJECTIVES.values() for key in objective.fingerprint_keys))
+def foreign_keys(run_config: Mapping) -> frozenset[str]:
+    """The other objectives' result-changing keys: they do not change what this run trains. A
+    checkpoint written when fingerprints held every objective's keys still resumes."""
+    own = set(objective_for(run_config).fingerprint_keys)
+    return frozenset(key for o in OBJECTIVES.values() for key in o.fingerprint_keys if key not in own)
+
+
+def later_keys() -> frozenset[str]:
+    """Every objective's keys that enter the fingerprint only when on (:attr:`Objective.later_keys`)."""
+    return frozenset(key for objective in OBJECTIVES.values() for key in objective.later_keys)
 
 
 def choices() -> dict[str, tuple[str, ...]]:

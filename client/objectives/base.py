@@ -17,6 +17,8 @@ An objective declares:
   :meth:`Objective.keep_private`);
 * what a launcher can prepare for all nodes ahead of a simulation
   (:meth:`Objective.prepare_ahead`, e.g. every user's views);
+* whether cohort nodes may train its users together (:meth:`Objective.batched_refusal`,
+  :mod:`lumosrec.client.cohort`) and with which inputs (:meth:`Objective.batched_inputs`);
 * how results name a run that trains it (:meth:`Objective.method_name`,
   :meth:`Objective.result_details`).
 """
@@ -50,8 +52,9 @@ class Objective:
     choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     #: its keys whose value does not change what is trained (a checkpoint made with another resumes)
     neutral_keys: ClassVar[tuple[str, ...]] = ()
-    #: whether cohort nodes may train its users together (:mod:`lumosrec.client.cohort`)
-    batched_cohorts: ClassVar[bool] = False
+    #: its keys added after checkpoints were first written, whose 0 means "off": they enter the
+    #: fingerprint only when on, so that a checkpoint written before them still resumes
+    later_keys: ClassVar[tuple[str, ...]] = ()
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -81,6 +84,16 @@ class Objective:
         """Restore the private parameters of ``owner`` into ``model`` and return the keyword inputs of
         ``model.loss`` for this round (``rng`` is the round's generator, which also shuffles).
         ``owner`` is "" for the node itself, a user's id for a user of a cohort node."""
+        return {}
+
+    def batched_refusal(self, run_config: Mapping) -> str | None:
+        """Why cohort nodes cannot train this objective's users together under ``run_config``
+        (:func:`lumosrec.client.cohort.train_batched`); None when they can."""
+        return f"the batched cohort engine does not train the {self.name} objective"
+
+    def batched_inputs(self, model: SASRec, node: NodeData, context: Context) -> dict[str, object]:
+        """The keyword inputs of :func:`lumosrec.client.cohort.train_batched` for ``node``'s users
+        (row ``k`` for user ``k``) when they train together."""
         return {}
 
     def keep_private(self, model: SASRec, context: Context, owner: str = "") -> None:

@@ -15,10 +15,15 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Context
 
-from lumosrec.augment.client_views import ViewSettings, client_views, views_source
+from lumosrec.augment.client_views import (
+    SOURCE_MODEL_RETRIEVAL,
+    VIEW_SOURCES,
+    ViewSettings,
+    client_views,
+    views_source,
+)
 from lumosrec.augment.generate import generate_views
 from lumosrec.augment.runtime import RuntimeConfig
-from lumosrec.augment.views import MODES
 from lumosrec.client.objectives.base import Objective
 from lumosrec.core.data import NodeData, run_data
 from lumosrec.models.lumos import LUMOS, UserViews
@@ -36,10 +41,20 @@ class LUMOSObjective(Objective):
         "lumos-tau": "tau",
         "lumos-counterfactual": "use_counterfactual",
         "lumos-contrastive-rows": "contrastive_rows",
+        "lumos-future-targets": "future_target_weight",
+        "lumos-future-horizon": "future_horizon",
+        "lumos-counterfactual-negatives": "counterfactual_negative_weight",
+        "lumos-paraphrase-substitution": "paraphrase_substitution",
     }
     setting_keys = ("views", "views-dir", "views-model", "views-backend", "views-items")
-    choices = {"views": MODES}
+    choices = {"views": VIEW_SOURCES}
     neutral_keys = ("views-dir", "views-backend")
+    later_keys = (
+        "lumos-future-targets",
+        "lumos-future-horizon",
+        "lumos-counterfactual-negatives",
+        "lumos-paraphrase-substitution",
+    )
 
     def method_name(self, strategy: str) -> str:
         return "lumos" if strategy == "fedavg" else f"lumos-{strategy}"
@@ -48,10 +63,23 @@ class LUMOSObjective(Objective):
         self, model: LUMOS, node: NodeData, context: Context, rng: np.random.Generator, owner: str = ""
     ) -> dict[str, object]:
         restore_private(model, context, private_key(owner))
-        settings = ViewSettings.from_config(context.run_config, context.node_config)
-        embeddings = model.item_embedding.weight.detach().cpu().numpy()
-        views = client_views(node.dataset, node.users.tolist(), node.split.train, settings, embeddings)
-        return {"views": UserViews(views)}
+        return {"views": node_views(model, node, context)}
+
+    def batched_refusal(self, run_config: Mapping) -> str | None:
+        """Cohorts train LUMOS batched when only its item-level view terms are on: the InfoNCE
+        terms need the private head and encoder passes over the views, substitution changes inputs."""
+        if float(run_config["lumos-lambda-future"]) > 0 or float(run_config["lumos-lambda-paraphrase"]) > 0:
+            return (
+                "the batched cohort engine trains LUMOS's item-level view terms only; "
+                "set lumos-lambda-future = lumos-lambda-paraphrase = 0"
+            )
+        if float(run_config["lumos-paraphrase-substitution"]) > 0:
+            return "the batched cohort engine has no paraphrase substitution; set lumos-paraphrase-substitution = 0"
+        return None
+
+    def batched_inputs(self, model: LUMOS, node: NodeData, context: Context) -> dict[str, object]:
+        # no head to restore or keep: its only use, the InfoNCE terms, is off
+        return {"views": node_views(model, node, context)}
 
     def keep_private(self, model: LUMOS, context: Context, owner: str = "") -> None:
         context.state.array_records[private_key(owner)] = ArrayRecord(model.private_state_dict())
@@ -62,11 +90,12 @@ class LUMOSObjective(Objective):
 
     def prepare_ahead(self, run_config: Mapping, progress: bool = True) -> dict | None:
         """Every user's views, made in the launching process so that clients only read their
-        cache; None for catalogs without text (their views follow the received model)."""
+        cache; None for views over the received model (``views = "model"``, catalogs without
+        text): they follow the model, so clients remake them every round."""
         dataset = run_data(run_config)
-        if not dataset.has_text:
-            return None
         settings = ViewSettings.from_config(run_config, {})
+        if views_source(dataset, settings) == SOURCE_MODEL_RETRIEVAL:
+            return None
         return generate_views(
             dataset,
             settings.cache_path(dataset.name).parent,
@@ -75,6 +104,16 @@ class LUMOSObjective(Objective):
             encoder_name=settings.encoder,
             progress=progress,
         )
+
+
+def node_views(model: LUMOS, node: NodeData, context: Context) -> UserViews:
+    """The views of ``node``'s users, from the node's cache (made when missing; catalogs
+    without text: retrieval over ``model``'s received item embeddings)."""
+    settings = ViewSettings.from_config(context.run_config, context.node_config)
+    embeddings = model.item_embedding.weight.detach().cpu().numpy()
+    views = client_views(node.dataset, node.users.tolist(), node.split.train, settings, embeddings)
+    horizon = model.config.future_horizon
+    return UserViews(views, [history[-horizon:] for history in node.split.train] if horizon > 0 else None)
 
 
 def private_key(owner: str = "") -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from lumosrec.client.objectives.base import Objective
 
 
 class SASRecObjective(Objective):
     name = "sasrec"
     model = "sasrec"
-    batched_cohorts = True
+
+    def batched_refusal(self, run_config: Mapping) -> str | None:
+        return None
 
     def method_name(self, strategy: str) -> str:
         return f"{strategy}-sasrec"
