@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -164,11 +164,53 @@ def load_dataset(path: str | Path, items_path: str | Path | None = None) -> Data
     return _index(name, user_items, text, source, items_path)
 
 
+def _unreadable(path: Path, line: int, error: Exception) -> DataError:
+    """The one-line error of a file that is not UTF-8 text or has an oversized field."""
+    if isinstance(error, UnicodeDecodeError):
+        # text is decoded in blocks, so the bad byte is at this line or a little after it
+        return DataError(
+            f"{path} near line {line}: not UTF-8 text (a binary file, or another encoding: save it as UTF-8)"
+        )
+    return DataError(f"{path} line {line}: {error}")
+
+
+def _csv_rows(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line, row)`` of a CSV reader; undecodable bytes and oversized fields become a DataError."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as error:  # before the line was read
+            raise _unreadable(path, reader.line_num + 1, error) from None
+        except csv.Error as error:  # in the line just read
+            raise _unreadable(path, reader.line_num, error) from None
+        yield reader.line_num, row
+
+
+def _text_lines(handle, path: Path) -> Iterator[tuple[int, str]]:
+    """``(line, text)`` of a text file; undecodable bytes become a DataError."""
+    line = 0
+    while True:
+        try:
+            text = next(handle)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as error:
+            raise _unreadable(path, line + 1, error) from None
+        line += 1
+        yield line, text
+
+
 def _open_csv(path: Path, expected: tuple[str, ...]) -> tuple:
-    """Open a CSV, check its header and return (reader, handle, column positions)."""
+    """Open a CSV, check its header and return (rows after the header, handle, column positions)."""
     handle = open(path, newline="", encoding="utf-8")  # noqa: SIM115 -- the caller closes it
-    reader = csv.reader(handle)
-    header = next(reader, None)
+    reader = _csv_rows(csv.reader(handle), path)
+    try:
+        _, header = next(reader, (1, None))
+    except DataError:
+        handle.close()
+        raise
     if header is None:
         handle.close()
         raise DataError(f"{path}: file is empty (expected a header line {','.join(expected)})")
@@ -201,7 +243,7 @@ def _read_interactions(path: Path) -> dict[str, list[tuple[float, int, str]]]:
     user_items: dict[str, list[tuple[float, int, str]]] = {}
     seen: dict[tuple[str, str, str], int] = {}
     with handle:
-        for line, row in enumerate(reader, start=2):
+        for line, row in reader:
             if not row:
                 continue
             if len(row) < width:
@@ -227,7 +269,7 @@ def _read_sequences_file(path: Path) -> dict[str, list[tuple[float, int, str]]]:
     """Return user -> [(order, line, item)] read from a ``user item item ...`` file."""
     user_items: dict[str, list[tuple[float, int, str]]] = {}
     with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
+        for line, text in _text_lines(handle, path):
             fields = text.split()
             if not fields:
                 continue
@@ -248,7 +290,7 @@ def _read_items(path: Path) -> _ItemText:
     titles: dict[str, str] = {}
     categories: dict[str, tuple[str, ...]] = {}
     with handle:
-        for line, row in enumerate(reader, start=2):
+        for line, row in reader:
             if not row:
                 continue
             if len(row) <= id_col:

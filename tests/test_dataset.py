@@ -106,3 +106,23 @@ def test_bad_sequences_file(tmp_path: Path) -> None:
     write(tmp_path / "seq.txt", "1 2 3\n2 4 five\n")
     with pytest.raises(DataError, match=r"seq.txt line 2, column 3: 'five'"):
         load_dataset(tmp_path / "seq.txt")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("interactions.csv", b"user_id,item_id,timestamp\n1,2,3\n1,\xe9,4\n", "not UTF-8 text"),  # Latin-1
+        ("interactions.csv", bytes(range(256)) * 8, "not UTF-8 text"),  # binary garbage
+        ("interactions.csv", b"user_id,item_id,timestamp\n1,2," + b"9" * 200_000 + b"\n", "line 2: field larger"),
+        ("seq.txt", b"1 2 3\n" + bytes(range(128, 256)) * 4, "not UTF-8 text"),
+    ],
+    ids=["latin-1", "binary", "oversized-field", "binary-sequences"],
+)
+def test_undecodable_or_oversized_input_is_one_line_naming_the_file(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as error:
+        load_dataset(tmp_path if name.endswith(".csv") else tmp_path / name)
+    text = str(error.value)
+    assert message in text and name in text and "\n" not in text
