@@ -169,8 +169,7 @@ def _train_cohort(
     sequences = [data.split.train[position] for position, _ in trainable]
     if use_batched(run, objective.batched_refusal(run), sequences):
         positions = [position for position, _ in trainable]
-        together = NodeData(data.dataset, data.users[positions], data.split.subset(positions))
-        inputs = objective.batched_inputs(model, together, context)
+        inputs = objective.batched_inputs(model, data.subset(positions), context)
         update = _train_batched(model, context, config, [user for _, user in trainable], sequences, inputs)
     else:
         update = _train_loop(model, objective, data, context, config, received, drawn)
@@ -221,7 +220,7 @@ def _train_loop(
     loss_sum, examples, seen = 0.0, 0, 0
     for position, user in drawn:
         model.load_shared_state_dict(received)
-        alone = NodeData(data.dataset, data.users[position : position + 1], data.split.subset([position]))
+        alone = data.subset([position])
         loss, count, visited = _local_training(
             model, objective, alone, context, config, user + 1, str(data.dataset.user_ids[user])
         )

@@ -64,6 +64,10 @@ class NodeData:
     def num_items(self) -> int:
         return self.dataset.num_items
 
+    def subset(self, positions: list[int]) -> NodeData:
+        """The node's users at ``positions`` (in its user order), with their split."""
+        return NodeData(self.dataset, self.users[positions], self.split.subset(positions))
+
 
 def partition_users(num_users: int, partition: int, partitions: int) -> np.ndarray:
     """Users of group ``partition`` when ``num_users`` are cut into ``partitions`` contiguous,
