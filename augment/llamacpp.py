@@ -102,7 +102,9 @@ class LlamaCppGenerator:
     def label_logprobs(self, prompts: Sequence[Chat], labels: Sequence[str]) -> np.ndarray:
         """Not offered: the server's completions expose only the top log-probabilities of a
         sampled token, not those of chosen labels."""
-        raise ConfigError("llm-rank views read label log-probabilities: use --backend transformers")
+        raise ConfigError(
+            "llm-rank views need label probabilities, which the llamacpp backend does not give; use --backend transformers"
+        )
 
     def model_info(self) -> dict:
         return {
