@@ -1,7 +1,7 @@
 # One image for every Lumos process: SuperLink, SuperNodes, and the SuperExecs that run the
 # ServerApp and ClientApps (process isolation). Build: docker compose build
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends openssl curl && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 # CPU torch from PyTorch's CPU index: PyPI's Linux wheel would pull several GB of CUDA libraries.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu

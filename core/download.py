@@ -5,6 +5,10 @@ hand); the converted folder holds ``interactions.csv`` (``user_id,item_id,timest
 sorted stably by user then time), ``items.csv`` (``item_id,title,categories`` with
 ``|``-separated categories, one row per interacted item) and ``source.json`` (URLs,
 SHA-256 of the raw files, date, converter version) so results trace back to their inputs.
+
+Every raw file, downloaded or placed by hand, must have the SHA-256 pinned next to its URL in
+:data:`DATASETS` before it is converted: the https origin alone does not prove a mirror or a
+cached copy is the published file. One that differs is refused and never converted.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import re
 import urllib.error
@@ -33,6 +38,8 @@ from lumosrec.core.errors import DownloadError
 from lumosrec.core.paths import cache_dir as cache_folder
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Bump when the output of a converter changes, so stale cached conversions are redone.
 CONVERTER_VERSION = 1
@@ -259,43 +266,94 @@ def convert_amazon(
 
 
 @dataclass(frozen=True)
+class RawFile:
+    """A raw file as published: its URL and the SHA-256 it must have.
+
+    ``sha256`` has no default so that every spec states it: ``None`` says that no hash is
+    published for the file; it is then used unchecked, with a warning, and the SHA-256 it had
+    is recorded in ``source.json``."""
+
+    url: str
+    sha256: str | None
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """A downloadable dataset: raw file name -> original URL, and its converter."""
+    """A downloadable dataset: raw file name -> where it is published, and its converter."""
 
     description: str
-    files: Mapping[str, str]
+    files: Mapping[str, RawFile]
     converter: Callable[[Path, Path], None]
 
 
-_SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+_GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
+_SNAP = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 DATASETS: dict[str, DatasetSpec] = {
     "ml-100k": DatasetSpec(
         "MovieLens 100K (GroupLens)",
-        {"ml-100k.zip": "https://files.grouplens.org/datasets/movielens/ml-100k.zip"},
+        # SHA-256 as in tensorflow/datasets, tensorflow_datasets/url_checksums/movielens.txt
+        # (4,924,029 bytes), and several independent loaders
+        {
+            "ml-100k.zip": RawFile(
+                _GROUPLENS + "ml-100k.zip", "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
+            )
+        },
         convert_ml100k,
     ),
     "ml-1m": DatasetSpec(
         "MovieLens 1M (GroupLens), all ratings",
-        {"ml-1m.zip": "https://files.grouplens.org/datasets/movielens/ml-1m.zip"},
+        # SHA-256 as in tensorflow/datasets, tensorflow_datasets/url_checksums/movielens.txt
+        # (5,917,549 bytes), and several independent loaders
+        {
+            "ml-1m.zip": RawFile(
+                _GROUPLENS + "ml-1m.zip", "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"
+            )
+        },
         convert_ml1m,
     ),
     "amazon-beauty": DatasetSpec(
         "Amazon Beauty 5-core reviews (McAuley et al. 2014)",
+        # SNAP publishes no checksums. Both SHA-256 as in ShyJason/CaIRec (README.md and
+        # scripts/prepare_amazon_beauty.py, fetched from these https URLs); the reviews' also in
+        # a SimDiffRec reproduction's Amazon 2014 download script.
         {
-            "reviews_Beauty_5.json.gz": _SNAP + "reviews_Beauty_5.json.gz",
-            "meta_Beauty.json.gz": _SNAP + "meta_Beauty.json.gz",
+            "reviews_Beauty_5.json.gz": RawFile(
+                _SNAP + "reviews_Beauty_5.json.gz", "e5925ec99023f1dc9c7d3dff7ef34cfeacd40d1b981b5525e1e4ba9c8abc18fe"
+            ),
+            "meta_Beauty.json.gz": RawFile(
+                _SNAP + "meta_Beauty.json.gz", "c7977dc0e0ead14ac7df8c1c6de74da00e4bebfad87a0f0c5763d4c5bc9b53a0"
+            ),
         },
         convert_amazon,
     ),
 }
 
 
-def _fetch(name: str, url: str, dest: Path, progress: bool) -> None:
-    """Download ``url`` to ``dest`` via a ``.part`` file renamed only when complete."""
+def _verify(name: str, filename: str, raw: RawFile, actual: str, what: str, remedy: str) -> None:
+    """Refuse a raw file whose SHA-256 is not the pinned one; warn when none is pinned."""
+    if raw.sha256 is None:
+        log.warning(
+            "%s: %s has no published SHA-256 to check it against; used unchecked, its SHA-256 %s goes to source.json",
+            name,
+            filename,
+            actual,
+        )
+    elif actual != raw.sha256:
+        raise DownloadError(
+            f"{name}: {what} has SHA-256 {actual}, expected {raw.sha256}: "
+            f"it is not the published {filename} and was not used; {remedy}"
+        )
+
+
+def _fetch(name: str, raw: RawFile, dest: Path, progress: bool) -> str:
+    """Download ``raw`` to ``dest`` and return its SHA-256. The bytes go to a ``.part`` file,
+    renamed into place only when complete and verified, so a partial or tampered download is
+    never taken for the raw file."""
     from tqdm import tqdm  # imported lazily: only needed when actually downloading
 
     part = dest.with_name(dest.name + ".part")
-    request = urllib.request.Request(url, headers={"User-Agent": "lumosrec"})
+    request = urllib.request.Request(raw.url, headers={"User-Agent": "lumosrec"})
+    digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(part, "wb") as fh:
             length, received = response.headers.get("Content-Length", ""), 0
@@ -305,27 +363,43 @@ def _fetch(name: str, url: str, dest: Path, progress: bool) -> None:
             ) as bar:
                 while chunk := response.read(1 << 16):
                     fh.write(chunk)
+                    digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
         if total is not None and received != total:
             raise OSError(f"connection closed after {received} of {total} bytes")
+        actual = digest.hexdigest()
+        _verify(
+            name,
+            dest.name,
+            raw,
+            actual,
+            f"{dest.name} as downloaded from {raw.url}",
+            f"re-run to download it again, or place the published file in {dest.parent} and re-run",
+        )
         os.replace(part, dest)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise DownloadError(
-            f"could not download {name} from {url}: {_reason(exc)}. Check your network "
+            f"could not download {name} from {raw.url}: {_reason(exc)}. Check your network "
             f"connection, or place {dest.name} in {dest.parent} and re-run"
         ) from exc
     finally:
         part.unlink(missing_ok=True)
+    return actual
 
 
-def _is_converted(out_dir: Path) -> bool:
+def _is_converted(out_dir: Path, spec: DatasetSpec) -> bool:
     try:
         info = json.loads((out_dir / "source.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    # A conversion made from raw files other than the pinned ones (before the pins existed,
+    # or under other pins) is redone, which checks the raw files.
+    recorded = info.get("sha256") if isinstance(info, dict) else None
     return (
-        info.get("converter_version") == CONVERTER_VERSION
+        isinstance(recorded, dict)
+        and all(raw.sha256 in (None, recorded.get(filename)) for filename, raw in spec.files.items())
+        and info.get("converter_version") == CONVERTER_VERSION
         and (out_dir / "interactions.csv").is_file()
         and (out_dir / "items.csv").is_file()
     )
@@ -349,39 +423,54 @@ def download(name: str, cache_dir: Path | None = None, force: bool = False, prog
     -------
     Path
         ``<cache_dir>/<name>/``.  Raw files already in its ``raw/`` folder (e.g. placed
-        there by hand) are used without touching the network.
+        there by hand) are used without touching the network, once their SHA-256 is checked.
 
     Raises
     ------
     DownloadError
-        Unknown name, network failure, or corrupt raw files.
+        Unknown name, network failure, a raw file whose SHA-256 is not the pinned one, or
+        corrupt raw files.
     """
     spec = DATASETS.get(name)
     if spec is None:
         raise DownloadError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     out_dir = Path(cache_dir if cache_dir is not None else cache_folder("datasets")).expanduser() / name
     raw_dir = out_dir / "raw"
-    if not force and _is_converted(out_dir):
+    if not force and _is_converted(out_dir, spec):
         return out_dir
     try:
         raw_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "source.json").unlink(missing_ok=True)  # marks the folder incomplete until done
     except OSError as exc:
         raise DownloadError(f"cannot write dataset cache {out_dir}: {_reason(exc)}") from exc
-    for filename, url in spec.files.items():
-        if force or not (raw_dir / filename).is_file():
-            _fetch(name, url, raw_dir / filename, progress)
+    digests: dict[str, str] = {}
+    for filename, raw in spec.files.items():
+        path = raw_dir / filename
+        if force or not path.is_file():
+            digests[filename] = _fetch(name, raw, path, progress)
+            continue
+        # placed by hand, or kept from an earlier download: checked like a fresh download
+        try:
+            with open(path, "rb") as fh:
+                digests[filename] = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise DownloadError(f"cannot read raw file {path}: {_reason(exc)}") from exc
+        _verify(
+            name,
+            filename,
+            raw,
+            digests[filename],
+            str(path),
+            f"delete it and re-run to download it, or replace it with the file published at {raw.url}",
+        )
     try:
         spec.converter(raw_dir, out_dir)
-        digests = {}
-        for filename in spec.files:
-            with open(raw_dir / filename, "rb") as fh:
-                digests[filename] = hashlib.file_digest(fh, "sha256").hexdigest()
         info = {
             "dataset": name,
             "description": spec.description,
-            "urls": dict(spec.files),
+            "urls": {filename: raw.url for filename, raw in spec.files.items()},
             "sha256": digests,
+            "sha256_pinned": {filename: raw.sha256 is not None for filename, raw in spec.files.items()},
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "converter_version": CONVERTER_VERSION,
         }

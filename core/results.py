@@ -92,6 +92,9 @@ class RunDirectory:
 
     def log_metrics(self, row: dict) -> None:
         self.history.append(row)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
         write_json(self.path / "metrics.json", self.history)
 
     def save_model(self, state_dict: dict[str, torch.Tensor], model_config: dict) -> None:

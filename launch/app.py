@@ -23,7 +23,8 @@ from lumosrec.client.objectives import objective_for
 from lumosrec.core.data import run_data
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.runconfig import cohort_size
-from lumosrec.server.strategies import STRATEGIES, cohort_refusal
+from lumosrec.server.strategies import STRATEGIES, build_strategy, cohort_refusal
+from lumosrec.server.validation import weighting
 
 #: the Flower app's folder: the source checkout that holds its ``pyproject.toml``
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -76,6 +77,7 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
         raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
     if cohort_size(merged) < 0:
         raise ConfigError("cohort-size must be 0 (off) or the number of users a cohort node holds")
+    weighting(merged)
     refusal = cohort_refusal(merged)
     if not refusal and cohort_size(merged) and merged["cohort-engine"] == "batched":
         refusal = batched_refusal(merged, objective_for(merged).batched_refusal(merged))
@@ -87,12 +89,14 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
 
 
 def check_node_count(run_config: Mapping, num_nodes: int) -> None:
-    """Fewer nodes than ``min-nodes`` would leave the server waiting for them forever."""
+    """Fewer nodes than ``min-nodes`` would leave the server waiting for them forever, and a robust
+    rule needs enough sampled nodes for the malicious ones it assumes: both refused before launch."""
     if num_nodes < int(run_config["min-nodes"]):
         raise ConfigError(
             f"{num_nodes} node(s) for min-nodes={run_config['min-nodes']}: the server would wait forever; "
             "lower min-nodes, cohort-size or users-per-client"
         )
+    build_strategy(run_config, num_nodes)
 
 
 def default_num_nodes(run_config: Mapping) -> int:

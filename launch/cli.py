@@ -327,33 +327,76 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_deploy(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("deploy", help="Flower deployment: certificates, node data, loopback run")
+    parser = subparsers.add_parser("deploy", help="Flower deployment: keys, node data, Fleet gateway, loopback run")
     deploy = parser.add_subparsers(dest="deploy_command", required=True)
-    certs = deploy.add_parser("certs", help="self-signed CA + SuperLink certificate")
-    certs.add_argument("--out", required=True, type=Path)
-    certs.add_argument("--host", action="append", help="SuperLink host name or IP for the certificate (repeatable)")
+    certs = deploy.add_parser("certs", help="operator files: CA, SuperLink certificate, ServerApp-executor secret")
+    certs.add_argument(
+        "--out", required=True, type=Path, help="the deployment folder (ca/, superlink/, superexec/, public/)"
+    )
+    certs.add_argument(
+        "--host", action="append", default=[], help="SuperLink/gateway name or IP nodes use (repeatable)"
+    )
     certs.set_defaults(handler=_deploy_certs)
+    keys = deploy.add_parser("node-keys", help="a node's key pair and executor secret (run on the node)")
+    keys.add_argument("--out", required=True, type=Path, help="the node's private folder")
+    keys.add_argument("--ca", required=True, type=Path, help="the operator's public/ca.crt")
+    keys.add_argument("--public-key", type=Path, help="where the public key goes (default: OUT/node.pub)")
+    keys.set_defaults(handler=_deploy_node_keys)
+    register = deploy.add_parser("register", help="register SuperNode public keys with the SuperLink (operator host)")
+    register.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's Control API address")
+    register.add_argument("--ca", required=True, type=Path, help="the operator's public/ca.crt")
+    register.add_argument("public_keys", nargs="+", type=Path, metavar="NODE.pub")
+    register.set_defaults(handler=_deploy_register)
+    gateway = deploy.add_parser("fleet-gateway", help="forward the Fleet API, and nothing else, to the SuperLink")
+    gateway.add_argument("--host", required=True, help="the node-facing address to bind")
+    gateway.add_argument("--port", type=int, default=9092)
+    gateway.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's address (its loopback)")
+    gateway.add_argument("--ssl-certfile", required=True, type=Path, help="superlink/server.pem")
+    gateway.add_argument("--ssl-keyfile", required=True, type=Path, help="superlink/server.key")
+    gateway.add_argument("--ssl-ca-certfile", required=True, type=Path, help="public/ca.crt")
+    gateway.set_defaults(handler=_deploy_gateway)
     split = deploy.add_parser("split", help="one data folder per node plus the catalog for the server")
     split.add_argument("--data", default=SYNTHETIC)
     split.add_argument("--nodes", type=int, required=True)
     split.add_argument("--out", required=True, type=Path)
     split.set_defaults(handler=_deploy_split)
-    local = deploy.add_parser("local", help="SuperLink + SuperNodes on 127.0.0.1 (TLS), run the app, stop")
+    local = deploy.add_parser("local", help="the whole deployment on 127.0.0.1 (TLS, node auth), run the app, stop")
     local.add_argument("--data", default=SYNTHETIC)
     local.add_argument("--nodes", type=int, default=2)
     local.add_argument("--rounds", type=int, default=2)
     local.add_argument("--workdir", type=Path, default=Path("runs/deploy-local"))
     local.add_argument("--run-config", default="", help="more overrides, TOML-typed")
-    local.add_argument("--insecure", action="store_true", help="no TLS")
     local.set_defaults(handler=_deploy_local)
 
 
 def _deploy_certs(args: argparse.Namespace) -> int:
-    from lumosrec.launch.deployment import make_certificates
+    from lumosrec.launch.deployment import make_operator_files
 
-    hosts = tuple(args.host or ("localhost", "127.0.0.1", "superlink"))
-    certs = make_certificates(args.out, hosts)
-    print(f"CA {certs.ca}, SuperLink certificate {certs.cert} for {', '.join(hosts)}")
+    files = make_operator_files(args.out, args.host)
+    print(f"operator files in {files.root}; give nodes {files.ca} only")
+    return 0
+
+
+def _deploy_node_keys(args: argparse.Namespace) -> int:
+    from lumosrec.launch.deployment import make_node_files
+
+    node = make_node_files(args.out, args.ca, args.public_key)
+    print(f"node files in {node.folder}; send {args.public_key or node.public_key} to the operator")
+    return 0
+
+
+def _deploy_register(args: argparse.Namespace) -> int:
+    from lumosrec.launch.deployment import register_at
+
+    node_ids = register_at(args.superlink, args.ca, args.public_keys)
+    print(f"{len(args.public_keys)} SuperNode key(s) registered ({len(node_ids)} new: {', '.join(node_ids) or '-'})")
+    return 0
+
+
+def _deploy_gateway(args: argparse.Namespace) -> int:
+    from lumosrec.launch.deployment import run_fleet_gateway
+
+    run_fleet_gateway(args.host, args.port, args.superlink, args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
     return 0
 
 
@@ -383,7 +426,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         "min-nodes": args.nodes,
         **parse_run_config(args.run_config),
     }
-    with LoopbackDeployment(folders, workdir / "processes", tls=not args.insecure) as deployment:
+    with LoopbackDeployment(folders, workdir / "processes") as deployment:
         status = deployment.run(APP_DIR, format_run_config(overrides))
     if status != "finished:completed" or not (out / "result.json").is_file():
         raise LumosError(f"deployment run ended with status {status}; logs in {workdir / 'processes'}")

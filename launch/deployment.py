@@ -1,27 +1,48 @@
-"""Flower deployment: SuperLink + SuperNodes (+ SuperExecs), TLS certificates, node data.
+"""Flower deployment: SuperLink, Fleet gateway, SuperNodes and their SuperExecs; keys, secrets, node data.
 
 One description of the topology serves three uses, so they cannot drift apart:
 
 * :class:`LoopbackDeployment` starts it as processes on 127.0.0.1 (``lumos deploy local``
-  and the integration test);
+  and the integration tests);
 * ``docker-compose.yml`` runs the same commands in containers (a test compares them with
   :func:`compose_commands`);
 * the README's multi-host recipe lists the same flags.
 
-Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTP(S) port (8000); each
-SuperNode has its own Runtime API port (9094, 9095, ...).
+Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one HTTP(S) port, and its
+Control API has no account authentication: whoever reaches that port can register SuperNode keys
+and submit runs. So the SuperLink binds the operator host's loopback only, and nodes reach it
+through the Fleet gateway (:class:`FleetGateway`), which forwards Flower's Fleet routes and
+nothing else. Every SuperNode signs its requests with its own EC key, registered by the operator
+(``--enable-supernode-auth``); every SuperExec proves a shared secret to the Runtime API it polls
+(``--superexec-auth-secret-file``), so a rogue executor cannot pick up runs or replies.
+
+Files, by who may hold them (:class:`OperatorFiles`, :class:`NodeFiles`)::
+
+    deploy/ca/ca.key                 signs the SuperLink certificate; used by nothing that runs
+    deploy/superlink/server.{pem,key}  SuperLink and Fleet gateway (operator host)
+    deploy/superexec/superexec.secret  SuperLink and its ServerApp executor (operator host)
+    deploy/public/ca.crt             everyone: nodes, CLIs, executors
+    node/node.key, node/superexec.secret, node/ca.crt   one node: its SuperNode and ClientApp executor
+    node/node.pub                    the operator, who registers it
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import logging
+import os
+import secrets
 import shutil
+import ssl
 import subprocess
+import tempfile
 import time
-import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,79 +53,215 @@ from lumosrec.launch.app import flower_env, free_port
 
 log = logging.getLogger(__name__)
 
+#: the SuperLink's one port (Fleet, Control, Runtime APIs): bind it to the operator host's loopback
 SUPERLINK_PORT = 8000
+#: the Fleet gateway: the only port nodes reach (that of Flower's former gRPC Fleet API)
+FLEET_PORT = 9092
+#: a SuperNode's Runtime API, polled by its ClientApp executor on the same host
 SUPERNODE_PORT = 9094
+#: the largest request body the gateway buffers: a SuperNode pushes one object per request and
+#: Flower cuts arrays into 5 MiB chunks, so this is ample, and it bounds what one request costs
+MAX_BODY_BYTES = 64 * 1024 * 1024
+#: certificate lifetime
+CERT_DAYS = 365
+#: the operator's side always reaches the SuperLink on loopback, so its certificate names it too
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 
 
 @dataclass(frozen=True)
-class Certificates:
-    """A self-signed CA and a server certificate for the SuperLink."""
+class OperatorFiles:
+    """The operator's CA, SuperLink certificate and ServerApp-executor secret, under ``root``."""
 
-    ca: Path
-    cert: Path
-    key: Path
+    root: Path
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca" / "ca.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "public" / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "superlink" / "server.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "superlink" / "server.key"
+
+    @property
+    def secret(self) -> Path:
+        return self.root / "superexec" / "superexec.secret"
+
+    def paths(self) -> tuple[Path, ...]:
+        return (self.ca_key, self.ca, self.cert, self.key, self.secret)
 
 
-def make_certificates(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "superlink")) -> Certificates:
-    """Create a CA and a SuperLink certificate whose SAN lists ``hosts`` (needs ``openssl``)."""
-    if shutil.which("openssl") is None:
-        raise ConfigError("openssl not found; install it (apt-get install openssl) to generate TLS certificates")
-    out.mkdir(parents=True, exist_ok=True)
-    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
-    steps = [
-        ["openssl", "genrsa", "-out", "ca.key", "4096"],
-        [
-            "openssl",
-            "req",
-            "-new",
-            "-x509",
-            "-key",
-            "ca.key",
-            "-sha256",
-            "-subj",
-            "/CN=Lumos CA",
-            "-days",
-            "365",
-            "-out",
-            "ca.crt",
-        ],
-        ["openssl", "genrsa", "-out", "server.key", "4096"],
-        ["openssl", "req", "-new", "-key", "server.key", "-subj", "/CN=superlink", "-out", "server.csr"],
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "365",
-            "-sha256",
-            "-extfile",
-            "san.cnf",
-            "-out",
-            "server.pem",
-        ],
-    ]
-    (out / "san.cnf").write_text(f"subjectAltName={san}\n")
-    for step in steps:
-        done = subprocess.run(step, cwd=out, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise LumosError(f"openssl failed: {done.stderr.strip().splitlines()[-1:]}")
-    return Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
+@dataclass(frozen=True)
+class NodeFiles:
+    """One node's key pair, its executor secret and the CA certificate, in ``folder``."""
+
+    folder: Path
+
+    @property
+    def key(self) -> Path:
+        return self.folder / "node.key"
+
+    @property
+    def public_key(self) -> Path:
+        return self.folder / "node.pub"
+
+    @property
+    def secret(self) -> Path:
+        return self.folder / "superexec.secret"
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.crt"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only, from the first byte on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+
+
+def _write_secret(path: Path) -> None:
+    # Flower reads the file as raw bytes: no trailing newline, so `echo`-made copies are not equal
+    _write_private(path, secrets.token_hex(32).encode())
+
+
+def _existing(paths: Sequence[Path], what: str) -> bool:
+    """True if all of ``paths`` exist (reuse them), False if none; a partial set is an error."""
+    present = [path.is_file() for path in paths]
+    if all(present):
+        return True
+    if any(present):
+        missing = ", ".join(str(path) for path, here in zip(paths, present) if not here)
+        raise ConfigError(f"{what} is incomplete ({missing} missing); delete it and run the command again")
+    return False
+
+
+def make_operator_files(root: Path, hosts: Sequence[str] = ()) -> OperatorFiles:
+    """A CA, a SuperLink certificate for ``hosts`` (plus loopback) and a SuperExec secret under ``root``;
+    files already there are kept, so nodes holding the CA certificate stay valid."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    files = OperatorFiles(root)
+    if _existing(files.paths(), f"the deployment folder {root}"):
+        return files
+    names = list(dict.fromkeys([*hosts, *LOOPBACK_HOSTS]))
+    san: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            san.append(x509.DNSName(name))
+    # clocks of nodes and operator differ a little; a certificate valid from "now" would be refused
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    end = start + datetime.timedelta(days=CERT_DAYS)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Lumos CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    # the extensions strict verifiers (Python 3.13's default context) require of a CA and a server
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    pem = serialization.Encoding.PEM
+    unencrypted = serialization.NoEncryption()
+    _write_private(files.ca_key, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, unencrypted))
+    _write_private(files.key, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, unencrypted))
+    files.cert.write_bytes(server_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+    files.ca.parent.mkdir(parents=True, exist_ok=True)
+    files.ca.write_bytes(ca_cert.public_bytes(pem))
+    _write_secret(files.secret)
+    return files
+
+
+def make_node_files(folder: Path, ca: Path, public_key: Path | None = None) -> NodeFiles:
+    """A node's EC key pair (OpenSSH format, as Flower reads it), its executor secret and a copy of
+    the CA certificate in ``folder``; the public key goes to ``public_key`` (default ``folder/node.pub``).
+    Keys already there are kept: the SuperLink knows the node by its registered public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not ca.is_file():
+        raise ConfigError(f"CA certificate {ca} not found; copy public/ca.crt from the operator")
+    node = NodeFiles(folder)
+    public_key = public_key or node.public_key
+    if not _existing([node.key, node.secret, public_key], f"the node folder {folder}"):
+        private = ec.generate_private_key(ec.SECP384R1())
+        _write_private(
+            node.key,
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        public_key.parent.mkdir(parents=True, exist_ok=True)
+        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        public_key.write_bytes(public + b"\n")
+        _write_secret(node.secret)
+    if not node.ca.is_file() or node.ca.read_bytes() != ca.read_bytes():
+        shutil.copyfile(ca, node.ca)
+    return node
+
+
+def require_files(*paths: Path) -> None:
+    """A one-line error for the first of ``paths`` that is not a file."""
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"{path} not found; make it with `lumos deploy certs` or `lumos deploy node-keys`")
 
 
 def superlink_command(
-    certs: Certificates | None,
-    isolation: str,
-    host: str = "0.0.0.0",
-    port: int = SUPERLINK_PORT,
-    database: str | None = None,
+    files: OperatorFiles, host: str = "127.0.0.1", port: int = SUPERLINK_PORT, database: str | None = None
 ) -> list[str]:
+    """The SuperLink: TLS, registered SuperNodes only, and (process isolation) executors that hold the secret."""
     command = [
         "flower-superlink",
         "--host",
@@ -112,68 +269,292 @@ def superlink_command(
         "--port",
         str(port),
         "--isolation",
-        isolation,
+        "process",
         "--disable-runtime-dependency-installation",
+        "--enable-supernode-auth",
+        "--superexec-auth-secret-file",
+        str(files.secret),
+        "--ssl-ca-certfile",
+        str(files.ca),
+        "--ssl-certfile",
+        str(files.cert),
+        "--ssl-keyfile",
+        str(files.key),
     ]
-    if certs is None:
-        command.append("--insecure")
-    else:
-        command += [
-            "--ssl-ca-certfile",
-            str(certs.ca),
-            "--ssl-certfile",
-            str(certs.cert),
-            "--ssl-keyfile",
-            str(certs.key),
-        ]
     if database:
         command += ["--database", database]
     return command
 
 
-def supernode_command(
-    superlink: str,
-    data_path: str,
-    certs: Certificates | None,
-    isolation: str,
-    host: str = "0.0.0.0",
-    port: int = SUPERNODE_PORT,
-) -> list[str]:
-    command = [
-        "flower-supernode",
+def gateway_command(files: OperatorFiles, host: str, superlink: str, port: int = FLEET_PORT) -> list[str]:
+    """The Fleet gateway: nodes' only way in, on the node-facing ``host``."""
+    return [
+        "lumos",
+        "deploy",
+        "fleet-gateway",
+        "--host",
+        host,
+        "--port",
+        str(port),
         "--superlink",
         superlink,
+        "--ssl-certfile",
+        str(files.cert),
+        "--ssl-keyfile",
+        str(files.key),
+        "--ssl-ca-certfile",
+        str(files.ca),
+    ]
+
+
+def supernode_command(
+    fleet: str, data_path: str, node: NodeFiles, host: str = "127.0.0.1", port: int = SUPERNODE_PORT
+) -> list[str]:
+    """A SuperNode: reaches the SuperLink through the Fleet gateway at ``fleet``, signs with its own
+    key, and serves its ClientApp executor (which must hold the node's secret) on ``host:port``."""
+    return [
+        "flower-supernode",
+        "--superlink",
+        fleet,
+        "--root-certificates",
+        str(node.ca),
+        "--auth-supernode-private-key",
+        str(node.key),
+        "--superexec-auth-secret-file",
+        str(node.secret),
         "--host",
         host,
         "--port",
         str(port),
         "--isolation",
-        isolation,
+        "process",
         "--node-config",
         f'data-path="{data_path}"',
     ]
-    command += ["--insecure"] if certs is None else ["--root-certificates", str(certs.ca)]
-    return command
 
 
-def superexec_command(runtime_address: str, certs: Certificates | None) -> list[str]:
-    """A SuperExec for process isolation: runs ServerApps (at the SuperLink) or ClientApps (at a SuperNode)."""
+def superexec_command(runtime_address: str, secret: Path, ca: Path | None = None) -> list[str]:
+    """A SuperExec: runs the ServerApp (at the SuperLink, over TLS: give ``ca``) or the ClientApp
+    (at its SuperNode, on the same host: plain HTTP on loopback)."""
     command = ["flower-superexec", "--runtime-api-address", runtime_address]
-    command += ["--insecure"] if certs is None else ["--root-certificates", str(certs.ca)]
-    return command
+    command += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
+    return [*command, "--superexec-auth-secret-file", str(secret)]
 
 
-def compose_commands(nodes: int, certs: Certificates | None, data_root: str = "/data") -> dict[str, list[str]]:
-    """The commands ``docker-compose.yml`` must run: process isolation, one container per process."""
-    link = f"superlink:{SUPERLINK_PORT}"
+def compose_commands(nodes: int) -> dict[str, list[str]]:
+    """The commands ``docker-compose.yml`` must run, by service, with its containers' paths:
+    ``/operator`` (the deployment folder, certs only), ``/superlink``, ``/superexec``, ``/public``,
+    ``/node`` (one node's folder), ``/data`` and ``/catalog``."""
+    files = OperatorFiles(Path("/"))
+    keys = [f"/public/node-{i}.pub" for i in range(1, nodes + 1)]
+    certs = ["lumos", "deploy", "certs", "--out", "/operator", "--host", "superlink", "--host", "fleet-gateway"]
     commands = {
-        "superlink": superlink_command(certs, "process", database="/state/state.db"),
-        "superexec-serverapp": superexec_command(link, certs),
+        "certs": certs,
+        "superlink": superlink_command(files, host="superlink", database="/state/state.db"),
+        "superexec-serverapp": superexec_command(f"superlink:{SUPERLINK_PORT}", files.secret, files.ca),
+        # inside its container 0.0.0.0 is the gateway's networks only: the nodes' one and the operator's
+        "fleet-gateway": gateway_command(files, "0.0.0.0", f"superlink:{SUPERLINK_PORT}"),
+        "register": [
+            "lumos",
+            "deploy",
+            "register",
+            "--superlink",
+            f"superlink:{SUPERLINK_PORT}",
+            "--ca",
+            str(files.ca),
+            *keys,
+        ],
     }
-    for i in range(1, nodes + 1):
-        commands[f"supernode-{i}"] = supernode_command(link, f"{data_root}", certs, "process")
-        commands[f"superexec-clientapp-{i}"] = superexec_command(f"supernode-{i}:{SUPERNODE_PORT}", None)
+    node = NodeFiles(Path("/node"))
+    for i, key in enumerate(keys, start=1):
+        commands[f"node-keys-{i}"] = [
+            "lumos",
+            "deploy",
+            "node-keys",
+            "--out",
+            "/node",
+            "--ca",
+            str(files.ca),
+            "--public-key",
+            key,
+        ]
+        commands[f"supernode-{i}"] = supernode_command(f"fleet-gateway:{FLEET_PORT}", "/data", node)
+        # the executor shares its SuperNode's network namespace, so the Runtime API stays on loopback
+        commands[f"superexec-clientapp-{i}"] = superexec_command(f"127.0.0.1:{SUPERNODE_PORT}", node.secret)
     return commands
+
+
+#: response headers that describe one hop, not the message; the gateway sets its own
+_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"content-encoding",
+    }
+)
+
+
+def fleet_routes() -> frozenset[tuple[str, str]]:
+    """(method, path) of every route of Flower's Fleet API and of its health check: what the gateway forwards."""
+    from flwr.supercore.routers import health
+    from flwr.superlink.routers.fleet.router import router
+
+    return frozenset(
+        (method, route.path) for route in (*router.routes, *health.router.routes) for method in route.methods
+    )
+
+
+class FleetGateway:
+    """ASGI app that forwards the Fleet API to the SuperLink over TLS and answers 404 to everything
+    else, the Control and Runtime APIs above all. Exact (method, path) pairs, no query strings:
+    nothing a node sends can reach another route of the SuperLink."""
+
+    def __init__(self, superlink: str, ca: Path) -> None:
+        import httpx
+
+        self.routes = fleet_routes()
+        self.httpx = httpx
+        self.upstream = httpx.AsyncClient(
+            base_url=f"https://{superlink}",
+            verify=ssl.create_default_context(cafile=str(ca)),
+            # longer than a SuperNode's own 30 s, so its retries, not the gateway, decide when to give up
+            timeout=httpx.Timeout(60.0),
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await self.upstream.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        route = (scope["method"], scope["path"])
+        if route not in self.routes or scope["query_string"]:
+            client = scope.get("client") or ("?", 0)
+            log.warning("refused %s %s from %s", *route, client[0])
+            await _respond(send, 404, b"not a Fleet API route\n")
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY_BYTES:
+                await _respond(send, 413, b"request too large\n")
+                return
+        headers = [(name, value) for name, value in scope["headers"] if name.lower() not in _HOP_HEADERS]
+        try:
+            reply = await self.upstream.request(scope["method"], scope["path"], headers=headers, content=bytes(body))
+        except self.httpx.HTTPError as error:
+            log.warning("SuperLink unreachable: %s", error)
+            await _respond(send, 502, b"SuperLink unreachable\n")
+            return
+        reply_headers = [(name, value) for name, value in reply.headers.raw if name.lower() not in _HOP_HEADERS]
+        await _respond(send, reply.status_code, reply.content, reply_headers)
+
+
+async def _respond(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"text/plain")] if headers is None else headers
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def run_fleet_gateway(host: str, port: int, superlink: str, certfile: Path, keyfile: Path, ca: Path) -> None:
+    """Serve :class:`FleetGateway` on ``host:port`` over TLS until stopped."""
+    import uvicorn
+
+    require_files(certfile, keyfile, ca)
+    # httpx logs a line per forwarded request (every node polls every few seconds) and Flower's state
+    # module, imported for the route list, its migrations; the gateway logs refusals itself
+    for noisy in ("httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        # uvicorn would load the pair only when it starts serving, and fail with a traceback
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        gateway = FleetGateway(superlink, ca)
+    except ssl.SSLError as error:
+        raise ConfigError(f"cannot use {certfile}, {keyfile} and {ca} for TLS: {error}") from error
+    log.info("Fleet gateway on %s:%d -> SuperLink %s (Fleet API only)", host, port, superlink)
+    uvicorn.run(
+        gateway,
+        host=host,
+        port=port,
+        ssl_certfile=str(certfile),
+        ssl_keyfile=str(keyfile),
+        ws="none",
+        lifespan="on",
+        access_log=False,
+        # the SuperLink's own Server and Date headers pass through
+        server_header=False,
+        date_header=False,
+        log_level="warning",
+    )
+
+
+def write_connection(home: Path, name: str, address: str, ca: Path) -> Path:
+    """``home/config.toml`` with one SuperLink connection, the default one, over TLS with ``ca``."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(
+        f'[superlink]\ndefault = "{name}"\n[superlink.{name}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca.resolve()}"\n'
+    )
+    return path
+
+
+def flwr_json(arguments: list[str], home: Path, timeout: float = 120.0) -> dict:
+    """Run ``flwr ... --format json`` with ``FLWR_HOME=home``; its JSON answer (``success`` says how it went)."""
+    done = subprocess.run(
+        ["flwr", *arguments, "--format", "json"],
+        env=flower_env(FLWR_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": (done.stderr or done.stdout).strip()[-500:]}
+
+
+def _reason(answer: dict) -> str:
+    """The last line of a failed ``flwr`` answer: Flower's own error, without its banner."""
+    lines = str(answer.get("error-message", answer)).strip().splitlines()
+    return lines[-1] if lines else "no answer"
+
+
+def register_nodes(public_keys: Sequence[Path], home: Path, connection: str) -> list[str]:
+    """Register each public key with the SuperLink of ``connection`` (in ``home``) through the Control
+    API; a key registered before counts as done, so setup can be run again. Returns the new node ids."""
+    require_files(*public_keys)
+    node_ids = []
+    for key in public_keys:
+        answer = flwr_json(["supernode", "register", str(key.resolve()), connection], home)
+        if answer.get("success"):
+            node_ids.append(str(answer["node-id"]))
+        elif "already in use" not in str(answer.get("error-message")):
+            raise LumosError(f"registering {key} failed: {_reason(answer)}")
+    return node_ids
+
+
+def register_at(superlink: str, ca: Path, public_keys: Sequence[Path]) -> list[str]:
+    """:func:`register_nodes` through a throwaway Flower home that connects to ``superlink``."""
+    require_files(ca)
+    with tempfile.TemporaryDirectory(prefix="lumos-flwr-") as home:
+        write_connection(Path(home), "operator", superlink, ca)
+        return register_nodes(public_keys, Path(home), "operator")
 
 
 def split_nodes(dataset: Dataset, nodes: int, out: Path) -> list[Path]:
@@ -199,100 +580,123 @@ def split_nodes(dataset: Dataset, nodes: int, out: Path) -> list[Path]:
 
 @dataclass
 class LoopbackDeployment:
-    """SuperLink + one SuperNode per data folder on 127.0.0.1, TLS unless ``tls=False``.
+    """The hardened topology on 127.0.0.1: SuperLink and its ServerApp executor, the Fleet gateway,
+    and per data folder a registered SuperNode with its ClientApp executor.
 
-    Use as a context manager; :meth:`run` submits the app with ``flwr run`` and returns the
-    run's final status. Every process gets its own ``FLWR_HOME`` and log file in ``workdir``.
+    Use as a context manager: it waits until every SuperNode is online. :meth:`run` submits the
+    app with ``flwr run`` through the operator's CLI home (``cli/``) and returns the run's final
+    status. Every process gets its own ``FLWR_HOME`` and log file in ``workdir``; :meth:`start`
+    adds one (stopped with the rest). On one host nothing keeps a node from the SuperLink's port;
+    across hosts, that port is on the operator host's loopback and nodes see the gateway only.
     """
 
     data_paths: list[Path]
     workdir: Path
-    tls: bool = True
-    processes: list[subprocess.Popen] = field(default_factory=list)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.certs = make_certificates(self.workdir / "certs") if self.tls else None
+        self.files = make_operator_files(self.workdir / "deploy")
+        self.superlink_address = f"127.0.0.1:{free_port()}"
+        self.fleet_address = f"127.0.0.1:{free_port()}"
+        self.nodes = [
+            make_node_files(self.workdir / "deploy" / f"node-{i}", self.files.ca)
+            for i in range(1, len(self.data_paths) + 1)
+        ]
+        self.node_addresses = [f"127.0.0.1:{free_port()}" for _ in self.nodes]
+        self.cli_home = self.workdir / "cli"
+        write_connection(self.cli_home, "operator", self.superlink_address, self.files.ca)
 
-    def _env(self, name: str) -> dict[str, str]:
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        """Start ``command`` with its own ``FLWR_HOME`` (``workdir/name``), output to ``workdir/name.log``."""
         home = self.workdir / name
         home.mkdir(exist_ok=True)
-        return flower_env(FLWR_HOME=str(home))
-
-    def _start(self, name: str, command: list[str]) -> None:
-        log_file = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 -- the process's stdout while it runs
-        self.processes.append(subprocess.Popen(command, env=self._env(name), stdout=log_file, stderr=subprocess.STDOUT))
+        with open(self.workdir / f"{name}.log", "w") as log_file:
+            process = subprocess.Popen(
+                command, env=flower_env(FLWR_HOME=str(home)), stdout=log_file, stderr=subprocess.STDOUT
+            )
+        self.processes[name] = process
+        return process
 
     def __enter__(self) -> LoopbackDeployment:
-        self._start("superlink", superlink_command(self.certs, "subprocess", host="127.0.0.1", port=self.port))
-        for i, path in enumerate(self.data_paths, start=1):
-            command = supernode_command(
-                f"127.0.0.1:{self.port}",
-                str(path.resolve()),
-                self.certs,
-                "subprocess",
-                host="127.0.0.1",
-                port=free_port(),
-            )
-            self._start(f"supernode-{i}", command)
-        self._wait_healthy()
+        try:
+            self._start_all()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def _wait_healthy(self, timeout: float = 60.0) -> None:
-        scheme = "https" if self.tls else "http"
-        deadline = time.monotonic() + timeout
-        context = None
-        if self.certs is not None:
-            import ssl
+    def _start_all(self) -> None:
+        host, port = self.superlink_address.split(":")
+        self.start("superlink", superlink_command(self.files, host=host, port=int(port)))
+        self.start("superexec-serverapp", superexec_command(self.superlink_address, self.files.secret, self.files.ca))
+        fleet_host, fleet_port = self.fleet_address.split(":")
+        self.start("fleet-gateway", gateway_command(self.files, fleet_host, self.superlink_address, int(fleet_port)))
+        self._wait_healthy(self.superlink_address, "superlink")
+        self._wait_healthy(self.fleet_address, "fleet-gateway")
+        self.node_ids = register_nodes([node.public_key for node in self.nodes], self.cli_home, "operator")
+        for i, (path, node, address) in enumerate(zip(self.data_paths, self.nodes, self.node_addresses), start=1):
+            node_host, node_port = address.split(":")
+            self.start(
+                f"supernode-{i}",
+                supernode_command(self.fleet_address, str(path.resolve()), node, node_host, int(node_port)),
+            )
+            self.start(f"superexec-clientapp-{i}", superexec_command(address, node.secret))
+        self._wait_online()
 
-            context = ssl.create_default_context(cafile=str(self.certs.ca))
+    def _wait_healthy(self, address: str, name: str, timeout: float = 60.0) -> None:
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.files.ca))
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=2, context=context)
+                urllib.request.urlopen(f"https://{address}/health", timeout=2, context=context)
                 return
             except OSError:
                 time.sleep(0.3)
-        raise LumosError(f"SuperLink did not become healthy within {timeout:.0f} s; see {self.workdir}/superlink.log")
+        raise LumosError(f"{name} did not become healthy within {timeout:.0f} s; see {self.workdir}/{name}.log")
+
+    def node_status(self) -> dict[str, str]:
+        """Node id -> status (``registered``, ``online``, ...) of every node the SuperLink knows."""
+        answer = flwr_json(["supernode", "list", "operator"], self.cli_home)
+        if not answer.get("success"):
+            raise LumosError(f"flwr supernode list failed: {_reason(answer)}")
+        return {str(node["node-id"]): node["status"] for node in answer["nodes"]}
+
+    def _wait_online(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.node_status()
+            if all(status.get(node_id) == "online" for node_id in self.node_ids):
+                return
+            time.sleep(1.0)
+        raise LumosError(f"SuperNodes not online within {timeout:.0f} s ({status}); see {self.workdir}/supernode-*.log")
 
     def run(self, app_dir: Path, run_config: str, timeout: float = 900.0) -> str:
         """Submit the app, follow it to the end, return its final status."""
-        cli_env = self._env("cli")
-        connection = [f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"']
-        connection.append(f'root-certificates = "{self.certs.ca}"' if self.certs else "insecure = true")
-        (Path(cli_env["FLWR_HOME"]) / "config.toml").write_text("\n".join(connection) + "\n")
-        submitted = subprocess.run(
-            ["flwr", "run", str(app_dir), "loopback", "--format", "json", "--run-config", run_config],
-            env=cli_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if submitted.returncode != 0:
-            raise LumosError(f"flwr run failed: {submitted.stderr.strip()[-500:]}")
-        run_id = str(json.loads(submitted.stdout)["run-id"])
+        submitted = flwr_json(["run", str(app_dir), "operator", "--run-config", run_config], self.cli_home, timeout=300)
+        if not submitted.get("success"):
+            raise LumosError(f"flwr run failed: {_reason(submitted)}")
+        run_id = str(submitted["run-id"])
         with open(self.workdir / "run.log", "w") as run_log:
             subprocess.run(
-                ["flwr", "log", run_id, "loopback", "--stream"],
-                env=cli_env,
+                ["flwr", "log", run_id, "operator", "--stream"],
+                env=flower_env(FLWR_HOME=str(self.cli_home)),
                 stdout=run_log,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
             )
-        listed = subprocess.run(
-            ["flwr", "list", "loopback", "--run-id", run_id, "--format", "json"],
-            env=cli_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return json.loads(listed.stdout)["runs"][0]["status"]
+        listed = flwr_json(["list", "operator", "--run-id", run_id], self.cli_home)
+        return listed["runs"][0]["status"]
 
     def __exit__(self, *exc: object) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
-        for process in self.processes:
+        for process in reversed(self.processes.values()):
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()

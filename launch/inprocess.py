@@ -90,15 +90,16 @@ class InProcessGrid(Grid):
         return [self._deliver(message) for message in messages]
 
 
-def run_in_process(overrides: Mapping[str, object]) -> dict:
+def run_in_process(overrides: Mapping[str, object], client: ClientApp = client_app) -> dict:
     """Run the federated app in this process and return its ``result.json``.
 
     ``overrides`` replace values of ``[tool.flwr.app.config]`` as in
-    :func:`lumosrec.launch.simulate.simulate`; one node per ``users-per-client`` users.
+    :func:`lumosrec.launch.simulate.simulate`; one node per ``users-per-client`` users. ``client``
+    replaces Lumos's ClientApp, e.g. by one whose nodes misbehave (robustness experiments).
     """
     run_config = check_run_config(overrides, default_run_config())
     run_config["out-dir"] = str(Path(str(run_config["out-dir"])).resolve())
     num_nodes = default_num_nodes(run_config)
     check_node_count(run_config, num_nodes)
-    grid = InProcessGrid(client_app, run_config, num_nodes)
+    grid = InProcessGrid(client, run_config, num_nodes)
     return run_rounds(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))

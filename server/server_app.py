@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,14 @@ from lumosrec.core.results import RunDirectory, peak_rss_mb
 from lumosrec.core.runconfig import cohort_size, model_sizes
 from lumosrec.core.training import EARLY_STOPPING_METRIC, seed_everything
 from lumosrec.models.factory import build_model
-from lumosrec.server import checkpoint
-from lumosrec.server.strategies import build_strategy, cohort_refusal, strategy_is_linear, sum_metric_records
+from lumosrec.server import checkpoint, validation
+from lumosrec.server.strategies import (
+    build_strategy,
+    cohort_refusal,
+    privacy_spent,
+    strategy_is_linear,
+    sum_metric_records,
+)
 
 app = ServerApp()
 log = logging.getLogger("lumos.server")
@@ -105,57 +112,102 @@ def round_users(run: Mapping, server_round: int, num_users: int) -> list[int]:
     return sample_users(num_users, count, [int(run["seed"]), server_round]).tolist()
 
 
-def _train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping, config: ConfigRecord):
+@dataclass
+class Exchange:
+    """What one round's training or evaluation exchange brought back."""
+
+    sampled: int = 0  # messages sent
+    failures: int = 0  # error replies and rejected replies
+    rejected: int = 0  # replies that failed a check (:mod:`lumosrec.server.validation`)
+    accepted: int = 0  # replies that passed every check
+    seconds: float = 0.0  # aggregation time
+
+
+def _accept(reply: Message, stage: str, server_round: int, check: Callable[[RecordDict], int]) -> int | None:
+    """``check(reply.content)``'s count when the reply passes; None (logged) otherwise."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        log.warning("round %d: node %d's %s reply is an error: %s", server_round, node, stage, reply.error.reason)
+        return None
+    try:
+        return check(reply.content)
+    except Exception as problem:  # a reply that breaks a check is the node's failure, never the server's
+        log.warning("round %d: node %d's %s reply rejected: %s", server_round, node, stage, problem)
+        return None
+
+
+def _train(
+    grid: Grid,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    run: Mapping,
+    config: ConfigRecord,
+    limits: validation.ReplyLimits,
+):
     """One training exchange; with linear strategies, in chunks of bounded memory.
 
-    A weighted average of chunk averages (weighted by their example counts) is the weighted
-    average of all updates, so chunking is exact for FedAvg-style aggregation while at most
-    ``aggregation-chunk`` model replies are in memory at once (22k Beauty clients x 3.5 MB
-    would not fit). Robust and DP strategies need every update and get them all at once.
-    A reply that trained nothing (a cohort none of whose users was drawn) carries no weight and
-    is left out.
+    Every reply is checked before it counts (:mod:`lumosrec.server.validation`) and weighed by
+    the server. A weighted average of chunk averages (weighted by their summed weights) is the
+    weighted average of all updates, so chunking is exact for FedAvg-style aggregation while at
+    most ``aggregation-chunk`` model replies are in memory at once (22k Beauty clients x 3.5 MB
+    would not fit). Robust and DP strategies need every update and get them all at once. A
+    reply that trained nothing (a cohort none of whose users was drawn) carries no weight and is
+    left out.
     """
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     size = int(run["aggregation-chunk"]) if strategy_is_linear(strategy) else 0
-    replies, failures, aggregating = [], 0, 0.0
+    replies, exchange = [], Exchange(sampled=len(messages))
     for chunk in _chunks(messages, size):
-        received = list(grid.send_and_receive(chunk, timeout=float(run["round-timeout"])))
-        failures += sum(reply.has_error() for reply in received)
-        valid = [r for r in received if not r.has_error() and int(r.content["metrics"]["num-examples"]) > 0]
+        weighed = []
+        for reply in grid.send_and_receive(chunk, timeout=float(run["round-timeout"])):
+            examples = _accept(reply, "train", server_round, lambda c: validation.check_train_reply(c, limits))
+            if examples is None:
+                exchange.failures += 1
+                exchange.rejected += not reply.has_error()
+                continue
+            exchange.accepted += 1
+            if examples > 0:  # 0: a cohort none of whose users was drawn
+                weighed.append(Message(validation.weigh(reply.content, examples, run), reply_to=reply))
         started = time.perf_counter()
-        replies.extend(valid if size == 0 or len(valid) <= 1 else [_pre_average(valid)])
-        aggregating += time.perf_counter() - started
+        replies.extend(weighed if size == 0 or len(weighed) <= 1 else [_pre_average(weighed)])
+        exchange.seconds += time.perf_counter() - started
+    if not replies or exchange.accepted < int(run["min-nodes"]):
+        return None, None, exchange
     started = time.perf_counter()
-    aggregated, metrics = strategy.aggregate_train(server_round, replies) if replies else (None, None)
-    return aggregated, metrics, failures, len(messages), aggregating + time.perf_counter() - started
+    aggregated, metrics = strategy.aggregate_train(server_round, replies)
+    exchange.seconds += time.perf_counter() - started
+    return aggregated, metrics, exchange
 
 
 def _pre_average(replies: list[Message]) -> Message:
     contents = [reply.content for reply in replies]
-    metrics = aggregate_metricrecords(contents, "num-examples")
-    metrics["num-examples"] = sum(int(c["metrics"]["num-examples"]) for c in contents)
-    content = RecordDict({"arrays": aggregate_arrayrecords(contents, "num-examples"), "metrics": metrics})
+    metrics = aggregate_metricrecords(contents, validation.WEIGHT_KEY)
+    for key in ("num-examples", validation.WEIGHT_KEY):
+        metrics[key] = sum(int(c["metrics"][key]) for c in contents)
+    content = RecordDict({"arrays": aggregate_arrayrecords(contents, validation.WEIGHT_KEY), "metrics": metrics})
     return Message(content, reply_to=replies[0])
 
 
-def _evaluate(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping):
-    """One evaluation exchange, in chunks: rank histograms are summed, so chunking is exact."""
-    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
-    summed, failures, replied = None, 0, 0
+def _evaluate(
+    grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping, limits: validation.ReplyLimits
+):
+    """One evaluation exchange, in chunks: the checked replies' rank histograms are summed (never
+    averaged or weighed), so chunking is exact and the metrics equal the centralized ones."""
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    summed, exchange = None, Exchange(sampled=len(messages))
     for chunk in _chunks(messages, int(run["aggregation-chunk"])):
-        received = list(grid.send_and_receive(chunk, timeout=float(run["round-timeout"])))
-        failures += sum(reply.has_error() for reply in received)
-        replied += len(received)
-        partial = strategy.aggregate_evaluate(server_round, received)
-        if partial is not None:
-            summed = (
-                partial
-                if summed is None
-                else sum_metric_records(
-                    [RecordDict({"metrics": summed}), RecordDict({"metrics": partial})], "num-examples"
-                )
-            )
-    return summed, failures, replied
+        valid = []
+        for reply in grid.send_and_receive(chunk, timeout=float(run["round-timeout"])):
+            if _accept(reply, "evaluate", server_round, lambda c: validation.check_evaluate_reply(c, limits)):
+                valid.append(reply)
+            else:
+                exchange.failures += 1
+                exchange.rejected += not reply.has_error()
+        exchange.accepted += len(valid)
+        contents = [reply.content for reply in valid] + ([RecordDict({"metrics": summed})] if summed else [])
+        summed = sum_metric_records(contents) if contents else None
+    return summed, exchange
 
 
 def run_rounds(grid: Grid, context: Context) -> dict:
@@ -173,7 +225,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     seed_everything(int(run["seed"]))
     model = build_model("sasrec", num_items, **model_sizes(run))
     num_nodes = len(list(grid.get_node_ids()))
-    strategy = build_strategy(run, max(1, round(float(run["fraction-train"]) * num_nodes)))
+    strategy = build_strategy(run, num_nodes)
     state = load_checkpoint(out, run) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
     if state is None:
@@ -186,6 +238,13 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         log.info("resuming from %s after round %d", out / checkpoint.CHECKPOINT_FILE, state.completed_rounds)
     run_dir.history = state.history
     arrays = ArrayRecord(state.state_dict)
+    limits = validation.ReplyLimits.for_run(run, arrays, num_nodes)
+    log.info(
+        "replies are checked against the global model's %d arrays, at most %d training samples and %d users each",
+        len(limits.arrays),
+        limits.max_examples,
+        limits.max_users,
+    )
     num_rounds = int(run["num-server-rounds"])
     for server_round in range(state.completed_rounds + 1, num_rounds + 1):
         started = time.perf_counter()
@@ -193,44 +252,72 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         if cohort_size(run):
             users = round_users(run, server_round, run_data(run).num_users)
             config["train-users"] = users
-        aggregated, train_metrics, train_failures, sampled, aggregate_seconds = _train(
-            grid, strategy, server_round, arrays, run, config
-        )
-        if aggregated is None:
-            raise RuntimeError(f"round {server_round}: no client returned an update ({train_failures} failures)")
-        arrays = aggregated
+        before = checkpoint.snapshot(strategy)  # a round that yields no new model leaves no trace
+        aggregated, train_metrics, trained = _train(grid, strategy, server_round, arrays, run, config, limits)
+        updated, skipped = _next_model(aggregated, trained, int(run["min-nodes"]), limits)
+        if skipped:
+            log.warning("round %d skipped, the global model is unchanged: %s", server_round, skipped)
+            checkpoint.restore(strategy, before)
+        else:
+            arrays = updated
         row = {
             "round": server_round,
-            "train_nodes": sampled,
+            "train_nodes": trained.sampled,
             **({"train_users": len(users)} if users is not None else {}),
-            "train_failures": train_failures,
-            "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "train_failures": trained.failures,
+            "train_rejected": trained.rejected,
+            "skipped": skipped,
+            "train_loss": float(train_metrics["train-loss"]) if train_metrics and not skipped else None,
             "train_seconds": time.perf_counter() - started,
-            "aggregate_seconds": aggregate_seconds,
+            "aggregate_seconds": trained.seconds,
         }
+        spent = privacy_spent(strategy)
+        if spent is not None:
+            row["dp_epsilon"] = spent["epsilon"]
         eval_every = int(run["eval-every"])
         if eval_every > 0 and (server_round % eval_every == 0 or server_round == num_rounds):
             eval_started = time.perf_counter()
-            summed, eval_failures, eval_nodes = _evaluate(grid, strategy, server_round, arrays, run)
+            summed, evaluated = _evaluate(grid, strategy, server_round, arrays, run, limits)
+            row.update(eval_nodes=evaluated.sampled, eval_failures=evaluated.failures, eval_rejected=evaluated.rejected)
             if summed is None:
-                raise RuntimeError(f"round {server_round}: no client returned an evaluation ({eval_failures} failures)")
-            row.update(eval_nodes=eval_nodes, eval_failures=eval_failures, eval_users=int(summed["num-examples"]))
-            row.update(metrics_from_histograms(summed), eval_seconds=time.perf_counter() - eval_started)
-            log.info(
-                "round %d: loss %.4f, test HR@20 %.4f NDCG@20 %.4f (%d failures)",
-                server_round,
-                row["train_loss"] or float("nan"),
-                row["test"]["unmasked"]["HR@20"],
-                row["test"]["unmasked"]["NDCG@20"],
-                train_failures + eval_failures,
-            )
+                log.warning(
+                    "round %d: no node returned a valid evaluation (%d failures)", server_round, evaluated.failures
+                )
+            else:
+                row.update(eval_users=int(summed["num-examples"]), **metrics_from_histograms(summed))
+                log.info(
+                    "round %d: loss %.4f, test HR@20 %.4f NDCG@20 %.4f (%d failures)",
+                    server_round,
+                    row["train_loss"] or float("nan"),
+                    row["test"]["unmasked"]["HR@20"],
+                    row["test"]["unmasked"]["NDCG@20"],
+                    trained.failures + evaluated.failures,
+                )
+            row["eval_seconds"] = time.perf_counter() - eval_started
         row["round_seconds"] = time.perf_counter() - started
-        run_dir.log_metrics(row)
+        run_dir.history.append(row)
         state.completed_rounds, state.state_dict = server_round, arrays.to_torch_state_dict()
-        checkpoint.save(out, state, strategy)
+        # best model, then checkpoint, then metrics.json: a server killed in between redoes the
+        # round, and metrics.json never lists a round the checkpoint does not hold
         if _is_best(row, run_dir.history):
             run_dir.save_model(state.state_dict, model.config.to_dict())
-    return _result(run, dataset_name, run_dir)
+        checkpoint.save(out, state, strategy)
+        run_dir.write_metrics()
+    return _result(run, dataset_name, run_dir, privacy_spent(strategy))
+
+
+def _next_model(
+    aggregated: ArrayRecord | None, trained: Exchange, min_nodes: int, limits: validation.ReplyLimits
+) -> tuple[ArrayRecord | None, str | None]:
+    """The round's new global model, or None and why the round yields none."""
+    if trained.accepted < min_nodes:
+        return None, f"{trained.accepted} valid replies of {trained.sampled}, fewer than min-nodes={min_nodes}"
+    if aggregated is None:
+        return None, f"the strategy aggregated nothing from {trained.accepted} valid replies"
+    try:
+        return validation.as_global_model(aggregated, limits), None
+    except ValueError as problem:
+        return None, str(problem)
 
 
 def _is_best(row: dict, history: list[dict]) -> bool:
@@ -240,7 +327,7 @@ def _is_best(row: dict, history: list[dict]) -> bool:
     return row["valid"]["unmasked"][EARLY_STOPPING_METRIC] >= max(scores)
 
 
-def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory) -> dict:
+def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory, privacy: dict | None) -> dict:
     evaluated = [r for r in run_dir.history if "valid" in r]
     # the latest of equally good rounds, as _is_best saves it; no evaluation at all (eval-every=0,
     # e.g. for timing) leaves the metrics empty
@@ -257,6 +344,8 @@ def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory) -> dict:
         "test": best.get("test", {}),
         "final_test": evaluated[-1]["test"] if evaluated else {},
         "failures": sum(r["train_failures"] + r.get("eval_failures", 0) for r in run_dir.history),
+        "skipped_rounds": sum(bool(r.get("skipped")) for r in run_dir.history),
+        **({"dp": privacy} if privacy is not None else {}),
     }
     return run_dir.write_result(result)
 

@@ -8,6 +8,16 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: a federation of 3 nodes of 20 users (the 60-user test data), every node every round, a tiny model
+SMALL_FEDERATION = {
+    "num-server-rounds": 2,
+    "fraction-train": 1.0,
+    "eval-every": 1,
+    "hidden-size": 16,
+    "inner-size": 32,
+    "users-per-client": 20,
+    "resume": False,
+}
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import re
 import threading
 import zipfile
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from lumosrec.core import download as dl
 from lumosrec.core import paths
-from lumosrec.core.download import DATASETS, convert_ml1m, download
+from lumosrec.core.download import DATASETS, RawFile, convert_ml1m, download
 from lumosrec.core.errors import DownloadError, LumosError
 from lumosrec.core.paths import cache_dir, cache_root
 
@@ -69,8 +70,26 @@ def _rows(path: Path) -> list[list[str]]:
         return list(csv.reader(fh))
 
 
-def test_ml100k_from_preplaced_raw(tmp_path: Path) -> None:
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pin_fakes(monkeypatch, name: str, raw_dir: Path) -> None:
+    """Pin the dataset's raw files to the fakes in ``raw_dir``, which stand in for the published
+    files (whose real SHA-256 they cannot have)."""
+    spec = DATASETS[name]
+    files = {f: dataclasses.replace(raw, sha256=_sha256(raw_dir / f)) for f, raw in spec.files.items()}
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(spec, files=files))
+
+
+def _serve(monkeypatch, name: str, filename: str, url: str, sha256: str | None) -> None:
+    spec = DATASETS[name]
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(spec, files={filename: RawFile(url, sha256)}))
+
+
+def test_ml100k_from_preplaced_raw(tmp_path: Path, monkeypatch) -> None:
     _ml100k_zip(tmp_path / "ml-100k" / "raw" / "ml-100k.zip")
+    _pin_fakes(monkeypatch, "ml-100k", tmp_path / "ml-100k" / "raw")
     out = download("ml-100k", cache_dir=tmp_path, progress=False)
     assert out == tmp_path / "ml-100k"
     assert (out / "interactions.csv").read_text(encoding="utf-8").splitlines() == [
@@ -92,12 +111,14 @@ def test_ml100k_from_preplaced_raw(tmp_path: Path) -> None:
     info = json.loads((out / "source.json").read_text(encoding="utf-8"))
     raw = (out / "raw" / "ml-100k.zip").read_bytes()
     assert info["sha256"] == {"ml-100k.zip": hashlib.sha256(raw).hexdigest()}
-    assert info["urls"] == {"ml-100k.zip": DATASETS["ml-100k"].files["ml-100k.zip"]}
+    assert info["urls"] == {"ml-100k.zip": DATASETS["ml-100k"].files["ml-100k.zip"].url}
+    assert info["sha256_pinned"] == {"ml-100k.zip": True}
     assert info["converter_version"] == dl.CONVERTER_VERSION and info["date"]
 
 
 def test_cached_conversion_is_reused_and_force_redoes_it(tmp_path: Path, monkeypatch) -> None:
     _ml100k_zip(tmp_path / "ml-100k" / "raw" / "ml-100k.zip")
+    _pin_fakes(monkeypatch, "ml-100k", tmp_path / "ml-100k" / "raw")
     out = download("ml-100k", cache_dir=tmp_path, progress=False)
     (out / "interactions.csv").write_text("user_id,item_id,timestamp\n", encoding="utf-8")
     assert download("ml-100k", cache_dir=tmp_path, progress=False) == out
@@ -108,13 +129,14 @@ def test_cached_conversion_is_reused_and_force_redoes_it(tmp_path: Path, monkeyp
     assert len(_rows(out / "interactions.csv")) == 6
 
 
-def test_ml1m_conversion_and_min_rating(tmp_path: Path) -> None:
+def test_ml1m_conversion_and_min_rating(tmp_path: Path, monkeypatch) -> None:
     ratings = "3::2::5::978300760\n1::1::2::978300019\n1::2::4::978300000\n3::1::3::978300700\n"
     movies = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Amélie, or else (2001)::Comedy|Romance\n"
     _zip(
         tmp_path / "ml-1m" / "raw" / "ml-1m.zip",
         {"ml-1m/ratings.dat": ratings.encode("ascii"), "ml-1m/movies.dat": movies.encode("latin-1")},
     )
+    _pin_fakes(monkeypatch, "ml-1m", tmp_path / "ml-1m" / "raw")
     out = download("ml-1m", cache_dir=tmp_path, progress=False)
     assert _rows(out / "interactions.csv")[1:] == [
         ["1", "2", "978300000"],
@@ -138,7 +160,7 @@ def _gz_lines(path: Path, lines: list[str]) -> None:
         fh.write("\n".join(lines) + "\n")
 
 
-def test_amazon_conversion_maps_ids(tmp_path: Path) -> None:
+def test_amazon_conversion_maps_ids(tmp_path: Path, monkeypatch) -> None:
     raw = tmp_path / "amazon-beauty" / "raw"
     reviews = [
         ("B_USER", "ASIN_X", 300),
@@ -176,6 +198,7 @@ def test_amazon_conversion_maps_ids(tmp_path: Path) -> None:
         {"asin": "ASIN_X", "categories": [["Beauty"]]},
     ]
     _gz_lines(raw / "meta_Beauty.json.gz", [repr(m) for m in meta])  # python literals, not JSON
+    _pin_fakes(monkeypatch, "amazon-beauty", raw)
     out = download("amazon-beauty", cache_dir=tmp_path, progress=False)
     # Sorted by (reviewer, time): A_USER: Z@100, Y@200, X@200 (tie keeps source order); B_USER: Y, X
     assert _rows(out / "user_map.csv") == [["user_id", "reviewer_id"], ["1", "A_USER"], ["2", "B_USER"]]
@@ -202,7 +225,7 @@ def _one_line_error(excinfo: pytest.ExceptionInfo) -> str:
 
 def test_offline_without_raw_files(tmp_path: Path, monkeypatch) -> None:
     url = "http://127.0.0.1:9/x.zip"
-    monkeypatch.setitem(DATASETS, "ml-100k", dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": url}))
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", url, DATASETS["ml-100k"].files["ml-100k.zip"].sha256)
     with pytest.raises(DownloadError) as excinfo:
         download("ml-100k", cache_dir=tmp_path, progress=False)
     message = _one_line_error(excinfo)
@@ -219,24 +242,26 @@ def test_unknown_name_lists_known(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("payload", [b"this is not a zip file", None])
-def test_corrupt_zip(tmp_path: Path, payload: bytes | None) -> None:
+def test_corrupt_zip(tmp_path: Path, monkeypatch, payload: bytes | None) -> None:
     archive = tmp_path / "ml-100k" / "raw" / "ml-100k.zip"
     if payload is None:  # a valid zip lacking the expected member
         _zip(archive, {"ml-100k/u.data": ML100K_DATA.encode()})
     else:
         archive.parent.mkdir(parents=True)
         archive.write_bytes(payload)
+    _pin_fakes(monkeypatch, "ml-100k", archive.parent)  # corrupt as published: the converter's check
     with pytest.raises(DownloadError) as excinfo:
         download("ml-100k", cache_dir=tmp_path, progress=False)
     assert str(archive) in _one_line_error(excinfo)
     assert not (tmp_path / "ml-100k" / "source.json").exists()
 
 
-def test_corrupt_gzip_and_bad_line(tmp_path: Path) -> None:
+def test_corrupt_gzip_and_bad_line(tmp_path: Path, monkeypatch) -> None:
     raw = tmp_path / "amazon-beauty" / "raw"
     raw.mkdir(parents=True)
     (raw / "reviews_Beauty_5.json.gz").write_bytes(gzip.compress(b'{"reviewerID": "A"')[:-6])
     (raw / "meta_Beauty.json.gz").write_bytes(gzip.compress(b""))
+    _pin_fakes(monkeypatch, "amazon-beauty", raw)
     with pytest.raises(DownloadError) as excinfo:
         download("amazon-beauty", cache_dir=tmp_path, progress=False)
     assert "reviews_Beauty_5.json.gz" in _one_line_error(excinfo)
@@ -244,6 +269,7 @@ def test_corrupt_gzip_and_bad_line(tmp_path: Path) -> None:
         raw / "reviews_Beauty_5.json.gz",
         ['{"reviewerID": "A", "asin": "B", "unixReviewTime": 1}', '{"reviewerID": "A", "asin": "B"}'],
     )
+    _pin_fakes(monkeypatch, "amazon-beauty", raw)
     with pytest.raises(DownloadError) as excinfo:
         download("amazon-beauty", cache_dir=tmp_path, progress=False)
     assert "line 2" in _one_line_error(excinfo)
@@ -266,16 +292,12 @@ def http_root(tmp_path: Path):
 def test_download_over_http(tmp_path: Path, monkeypatch, http_root) -> None:
     root, base = http_root
     _ml100k_zip(root / "served.zip")
-    monkeypatch.setitem(
-        DATASETS, "ml-100k", dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": f"{base}/served.zip"})
-    )
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", f"{base}/served.zip", _sha256(root / "served.zip"))
     out = download("ml-100k", cache_dir=tmp_path / "cache", progress=True)
     assert (out / "raw" / "ml-100k.zip").read_bytes() == (root / "served.zip").read_bytes()
     assert [p.name for p in (out / "raw").iterdir()] == ["ml-100k.zip"]
     assert len(_rows(out / "interactions.csv")) == 6
-    monkeypatch.setitem(
-        DATASETS, "ml-100k", dataclasses.replace(DATASETS["ml-100k"], files={"ml-100k.zip": f"{base}/missing.zip"})
-    )
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", f"{base}/missing.zip", _sha256(root / "served.zip"))
     with pytest.raises(DownloadError) as excinfo:
         download("ml-100k", cache_dir=tmp_path / "cache", force=True, progress=False)
     assert "404" in _one_line_error(excinfo)
@@ -298,3 +320,66 @@ def test_one_cache_root(monkeypatch, tmp_path: Path, caplog) -> None:
         assert cache_dir("datasets") == tmp_path / "old"
     assert "LUMOS_CACHE_DIR is deprecated" in caplog.text
     assert cache_dir("views") == tmp_path / "root" / "views"
+
+
+def test_published_files_are_https_and_pinned() -> None:
+    for name, spec in DATASETS.items():
+        for filename, raw in spec.files.items():
+            assert raw.url.startswith("https://") and raw.url.endswith("/" + filename), (name, filename)
+            assert re.fullmatch(r"[0-9a-f]{64}", raw.sha256 or ""), (name, filename)
+
+
+def test_download_with_wrong_hash_is_refused_and_not_used(tmp_path: Path, monkeypatch, http_root) -> None:
+    root, base = http_root
+    served = _ml100k_zip(root / "served.zip")
+    good = served.read_bytes()
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", f"{base}/served.zip", "0" * 64)
+    with pytest.raises(DownloadError) as excinfo:
+        download("ml-100k", cache_dir=tmp_path, progress=False)
+    message = _one_line_error(excinfo)
+    assert "ml-100k.zip" in message and "0" * 64 in message and _sha256(served) in message
+    assert not list((tmp_path / "ml-100k" / "raw").iterdir())  # not renamed into place, no .part left
+    assert not (tmp_path / "ml-100k" / "interactions.csv").exists()
+    # a verified file stays when a forced refetch brings other bytes
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", f"{base}/served.zip", _sha256(served))
+    out = download("ml-100k", cache_dir=tmp_path, progress=False)
+    _zip(served, {"ml-100k/u.data": b"1\t1\t1\t1\n", "ml-100k/u.item": ML100K_ITEM.encode("latin-1")})
+    with pytest.raises(DownloadError) as excinfo:
+        download("ml-100k", cache_dir=tmp_path, force=True, progress=False)
+    assert _sha256(served) in _one_line_error(excinfo)
+    assert [p.name for p in (out / "raw").iterdir()] == ["ml-100k.zip"]
+    assert (out / "raw" / "ml-100k.zip").read_bytes() == good
+
+
+def test_hand_placed_raw_file_with_wrong_hash_is_refused(tmp_path: Path) -> None:
+    archive = _ml100k_zip(tmp_path / "ml-100k" / "raw" / "ml-100k.zip")  # not the published file
+    with pytest.raises(DownloadError) as excinfo:
+        download("ml-100k", cache_dir=tmp_path, progress=False)
+    message = _one_line_error(excinfo)
+    assert str(archive) in message and _sha256(archive) in message
+    assert DATASETS["ml-100k"].files["ml-100k.zip"].sha256 in message and "delete it and re-run" in message
+    assert archive.is_file()  # the user's file is left to them
+    assert not (tmp_path / "ml-100k" / "interactions.csv").exists()
+    assert not (tmp_path / "ml-100k" / "source.json").exists()
+
+
+def test_conversion_of_other_raw_files_is_not_reused(tmp_path: Path, monkeypatch) -> None:
+    # e.g. converted from a plain-http download before the hashes were pinned
+    raw = tmp_path / "ml-100k" / "raw"
+    _ml100k_zip(raw / "ml-100k.zip")
+    _pin_fakes(monkeypatch, "ml-100k", raw)
+    download("ml-100k", cache_dir=tmp_path, progress=False)
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", "http://127.0.0.1:9/x.zip", "f" * 64)
+    with pytest.raises(DownloadError) as excinfo:
+        download("ml-100k", cache_dir=tmp_path, progress=False)
+    assert "f" * 64 in _one_line_error(excinfo)
+
+
+def test_unpinned_file_is_used_with_a_warning_and_recorded(tmp_path: Path, monkeypatch, caplog) -> None:
+    archive = _ml100k_zip(tmp_path / "ml-100k" / "raw" / "ml-100k.zip")
+    _serve(monkeypatch, "ml-100k", "ml-100k.zip", DATASETS["ml-100k"].files["ml-100k.zip"].url, None)
+    with caplog.at_level("WARNING", logger=dl.__name__):
+        out = download("ml-100k", cache_dir=tmp_path, progress=False)
+    assert "ml-100k.zip has no published SHA-256" in caplog.text and _sha256(archive) in caplog.text
+    info = json.loads((out / "source.json").read_text(encoding="utf-8"))
+    assert info["sha256"] == {"ml-100k.zip": _sha256(archive)} and info["sha256_pinned"] == {"ml-100k.zip": False}

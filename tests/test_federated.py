@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -10,24 +11,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.serde import message_to_proto
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from lumosrec.client.client_app import app as client_app
 from lumosrec.client.objectives import OBJECTIVES
-from lumosrec.core.data import load_data
+from lumosrec.core.data import load_data, node_data
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, evaluate, leave_one_out
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.launch.app import default_run_config
 from lumosrec.launch.simulate import simulate, stop_federation
 from lumosrec.server.server_app import metrics_from_histograms
 from lumosrec.server.strategies import sum_metric_records
+from lumosrec.server.validation import ReplyLimits, check_evaluate_reply, check_train_reply
+from tests.conftest import SMALL_FEDERATION
 
 SMALL = dict(num_users=60, items_per_category=10, seed=5)
 
@@ -48,7 +52,9 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _call(kind: str, arrays: ArrayRecord, run_config: dict, partition: int, partitions: int) -> Message:
+def _call(
+    kind: str, arrays: ArrayRecord, run_config: dict, partition: int, partitions: int, client: ClientApp = client_app
+) -> Message:
     context = Context(
         run_id=1,
         node_id=100 + partition,
@@ -59,35 +65,108 @@ def _call(kind: str, arrays: ArrayRecord, run_config: dict, partition: int, part
     message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     message = Message(content, dst_node_id=100 + partition, message_type=message_type)
-    return client_app(message, context)
+    return client(message, context)
 
 
-def test_only_arrays_and_scalar_metrics_leave_a_client(run_config: dict) -> None:
-    dataset = load_data(run_config["data"])
+def _relabelled(dataset, permutation: np.ndarray):
+    """``dataset`` with item ``i`` renamed ``permutation[i]`` (ids, sequences and text alike)."""
+    inverse = np.argsort(permutation)
+    return replace(
+        dataset,
+        sequences=[permutation[sequence] for sequence in dataset.sequences],
+        titles=[dataset.titles[i] for i in inverse],
+        categories=[dataset.categories[i] for i in inverse],
+    )
+
+
+def _what_leaks(client, run_config: dict, data_dir: Path, tmp_path: Path) -> list[str]:
+    """What of a user's history ``client``'s replies reveal beyond the item rows of the model.
+
+    The user's items are renamed (a permutation moving each of them, the global model's item rows
+    permuted alike) and the client runs again: everything it sends must then be the same, its
+    item rows permuted back. Any value derived from an item id, in any metric or array, differs.
+    The replies must also pass the server's schema check: no other record can carry text."""
+    dataset = load_data(str(data_dir))
+    user, partitions = 7, dataset.num_users  # one user per client
+    rng = np.random.default_rng(0)
+    permutation = np.concatenate([[0], rng.permutation(np.arange(1, dataset.num_items + 1))])
+    while np.any(permutation[dataset.sequences[user]] == dataset.sequences[user]):  # every item renamed
+        permutation = np.concatenate([[0], rng.permutation(np.arange(1, dataset.num_items + 1))])
+    folders = {"as is": tmp_path / "as-is", "renamed": tmp_path / "renamed"}
+    write_folder(dataset, folders["as is"])
+    write_folder(_relabelled(dataset, permutation), folders["renamed"])
     model = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items)
-    partitions = dataset.num_users  # one user per client
-    user = 7
-    history = dataset.sequences[user]
-    titles = {dataset.titles[i] for i in history}
+    renamed_model = copy.deepcopy(model)
+    with torch.no_grad():
+        renamed_model.item_embedding.weight[permutation] = model.item_embedding.weight
+    limits = ReplyLimits.for_run({**run_config, "data": str(data_dir)}, ArrayRecord(model.state_dict()), partitions)
+    sent = {
+        name: {
+            kind: _call(
+                kind, ArrayRecord(m.state_dict()), {**run_config, "data": str(folder)}, user, partitions, client
+            )
+            for kind in ("train", "evaluate")
+        }
+        for (name, folder), m in zip(folders.items(), (model, renamed_model))
+    }
+    leaks = []
+    for name, replies in sent.items():
+        try:
+            check_train_reply(replies["train"].content, limits)
+            check_evaluate_reply(replies["evaluate"].content, limits)
+        except ValueError as problem:
+            leaks.append(f"{name}: a reply outside the schema ({problem})")
     for kind in ("train", "evaluate"):
-        reply = _call(kind, ArrayRecord(model.state_dict()), run_config, user, partitions)
-        assert not reply.has_error(), reply.error
-        content = reply.content
-        assert set(content.keys()) <= {"arrays", "metrics"} and not content.config_records
-        if kind == "train":
-            received = content["arrays"].to_torch_state_dict()
-            assert {k: v.shape for k, v in received.items()} == {k: v.shape for k, v in model.state_dict().items()}
-        metrics = content["metrics"]
-        for key, value in metrics.items():
-            if isinstance(value, list):  # rank histograms: counts below the cutoff, not ids
-                assert key.endswith("-at-rank") and sum(value) <= metrics["num-examples"] == 1
-            else:
-                assert isinstance(value, (int, float))
-        wire = message_to_proto(reply).SerializeToString()
-        assert not any(title.encode() in wire for title in titles)
-        # no id of the user's history travels outside the arrays
-        metric_ints = [v for value in metrics.values() for v in (value if isinstance(value, list) else [value])]
-        assert not set(int(i) for i in history) & set(x for x in metric_ints if isinstance(x, int) and x > 1)
+        plain, renamed = sent["as is"][kind].content, sent["renamed"][kind].content
+        metrics = {name: (plain["metrics"][name], renamed["metrics"].get(name)) for name in plain["metrics"]}
+        if set(plain["metrics"]) != set(renamed["metrics"]) or not all(
+            np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-4) for a, b in metrics.values()
+        ):
+            leaks.append(f"{kind} metrics")
+    arrays = sent["renamed"]["train"].content["arrays"].to_torch_state_dict()
+    arrays["item_embedding.weight"] = arrays["item_embedding.weight"][permutation]
+    for key, value in sent["as is"]["train"].content["arrays"].to_torch_state_dict().items():
+        if not torch.allclose(value, arrays[key], rtol=1e-4, atol=1e-6):
+            leaks.append(f"array {key}")
+    return leaks
+
+
+def test_nothing_of_a_users_history_leaves_the_client_but_the_item_rows(
+    run_config: dict, data_dir: Path, tmp_path: Path
+) -> None:
+    assert _what_leaks(client_app, run_config, data_dir, tmp_path) == []
+
+
+def _leaking_client(where: str) -> ClientApp:
+    """Lumos's ClientApp, plus a leak of the user's last training item, as a float."""
+    app = ClientApp()
+
+    def leak(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        item = float(node_data(context.run_config, context.node_config).split.train[0][-1])
+        if where == "metric" and message.metadata.message_type == MessageType.TRAIN:
+            reply.content["metrics"]["train-loss"] += item * 1e-3
+        elif where == "array" and message.metadata.message_type == MessageType.TRAIN:
+            bias = reply.content["arrays"]["input_norm.bias"].numpy()
+            reply.content["arrays"]["input_norm.bias"] = Array(np.full_like(bias, item))
+        elif where == "text" and message.metadata.message_type == MessageType.EVALUATE:
+            reply.content["note"] = ConfigRecord({"item": f"item {item}"})
+        return reply
+
+    app.train()(leak)
+    app.evaluate()(leak)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("where", "found"),
+    [("metric", "train metrics"), ("array", "array input_norm.bias"), ("text", "a reply outside the schema")],
+)
+def test_the_privacy_check_finds_an_id_leaked_as_a_float_or_text(
+    run_config: dict, data_dir: Path, tmp_path: Path, where: str, found: str
+) -> None:
+    leaks = _what_leaks(_leaking_client(where), run_config, data_dir, tmp_path)
+    assert any(leak.startswith(found) or found in leak for leak in leaks), leaks
 
 
 def test_client_evaluation_sums_to_the_centralized_evaluation_exactly(run_config: dict) -> None:
@@ -97,7 +176,7 @@ def test_client_evaluation_sums_to_the_centralized_evaluation_exactly(run_config
     arrays = ArrayRecord(model.state_dict())
     partitions = 7  # uneven groups of users
     replies = [_call("evaluate", arrays, run_config, p, partitions).content for p in range(partitions)]
-    federated = metrics_from_histograms(sum_metric_records(replies, "num-examples"))
+    federated = metrics_from_histograms(sum_metric_records(replies))
     split = leave_one_out(dataset.sequences, dataset.num_items)
     for stage in STAGES:
         assert federated[stage] == evaluate(model, split, stage, run_config["max-len"], PROTOCOLS)
@@ -247,9 +326,9 @@ def test_every_strategy_is_flowers_own_and_dp_wraps_it() -> None:
     from lumosrec.core.errors import ConfigError
     from lumosrec.server.strategies import STRATEGIES, build_strategy, strategy_is_linear
 
-    config = default_run_config()
+    config = {**default_run_config(), "fraction-train": 0.5}  # 5 of 10 nodes: enough for every robust rule
     for name in STRATEGIES:
-        built = build_strategy({**config, "strategy": name}, num_train_nodes=10)
+        built = build_strategy({**config, "strategy": name}, num_nodes=10)
         assert type(built).__module__.startswith("flwr.serverapp.strategy")
     assert isinstance(build_strategy({**config, "strategy": "fedadam"}, 10), flower.FedAdam)
     wrapped = build_strategy({**config, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.5}, 10)
@@ -330,19 +409,7 @@ def test_run_config_text_reads_like_flwr_run_and_round_trips() -> None:
 def test_in_process_federation_keeps_node_state_and_counts_failures(data_dir: Path, tmp_path: Path) -> None:
     from lumosrec.launch.inprocess import InProcessGrid, run_in_process
 
-    result = run_in_process(
-        {
-            "data": str(data_dir),
-            "out-dir": str(tmp_path),
-            "num-server-rounds": 2,
-            "fraction-train": 1.0,
-            "eval-every": 1,
-            "hidden-size": 16,
-            "inner-size": 32,
-            "users-per-client": 20,
-            "resume": False,
-        }
-    )
+    result = run_in_process({**SMALL_FEDERATION, "data": str(data_dir), "out-dir": str(tmp_path)})
     assert result["epochs"] == 2 and result["test"]["unmasked"]["HR@20"] > 0
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert [row["train_nodes"] for row in history] == [3, 3] and history[-1]["eval_users"] == SMALL["num_users"]
