@@ -12,12 +12,15 @@ keyed by (model, prompt version, kind, key) and the hash of the prompt's input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lumosrec.core.errors import DataError
 
 #: a view cache's file name inside its folder (``lumos views generate --out``, ``views-dir``)
 CACHE_FILE = "views.sqlite"
@@ -70,7 +73,28 @@ CREATE TABLE IF NOT EXISTS generation (
 """
 
 
+def _readable(method: Callable) -> Callable:
+    """``method`` with a damaged cache file (truncated, overwritten) as a one-line DataError."""
+
+    @functools.wraps(method)
+    def guarded(self: _SQLiteCache, *args: object, **kwargs: object) -> object:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError:  # locked, unreachable: not the file's fault
+            raise
+        except sqlite3.DatabaseError as error:
+            raise DataError(
+                f"{self.path} is damaged ({error}): delete it, and the next run makes {self.contents} again"
+            ) from error
+
+    return guarded
+
+
 class _SQLiteCache:
+    #: what the file holds, for the message that asks to delete it
+    contents = "its contents"
+
+    @_readable
     def __init__(self, path: str | Path, *schemas: str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +111,12 @@ class _SQLiteCache:
 class ViewCache(_SQLiteCache):
     """Views of users, persisted in ``path`` (SQLite)."""
 
+    contents = "the views"
+
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, VIEW_SCHEMA)
 
+    @_readable
     def get(
         self, model: str, prompt_version: str, user: str, views: Iterable[str], expected_hash: str
     ) -> dict[str, View] | None:
@@ -103,6 +130,7 @@ class ViewCache(_SQLiteCache):
         found = {view: View(**json.loads(record)) for view, digest, record in rows if digest == expected_hash}
         return found if len(found) == len(views) else None
 
+    @_readable
     def put(self, model: str, prompt_version: str, user: str, digest: str, views: dict[str, View]) -> None:
         with self._db:
             self._db.executemany(
@@ -113,6 +141,7 @@ class ViewCache(_SQLiteCache):
                 ],
             )
 
+    @_readable
     def latest(self, user: str) -> dict[str, View]:
         """The most recently written record of each view of ``user``, whatever its model."""
         rows = self._db.execute("SELECT view, record FROM views WHERE user=? ORDER BY rowid", (user,))
@@ -122,9 +151,12 @@ class ViewCache(_SQLiteCache):
 class TextCache(_SQLiteCache):
     """Generated texts (``kind``: ``user`` summaries, ``item`` descriptions), persisted in ``path``."""
 
+    contents = "the texts (LLM time)"
+
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, TEXT_SCHEMA, GENERATION_SCHEMA)
 
+    @_readable
     def get(
         self, model: str, prompt_version: str, kind: str, keys: Sequence[str], input_hashes: Sequence[str]
     ) -> dict[str, str]:
@@ -140,6 +172,7 @@ class TextCache(_SQLiteCache):
             found.update({key: text for key, digest, text in rows if expected[key] == digest})
         return found
 
+    @_readable
     def put(
         self,
         model: str,
@@ -160,6 +193,7 @@ class TextCache(_SQLiteCache):
                 (model, prompt_version, kind, len(texts), completion_tokens, seconds),
             )
 
+    @_readable
     def cost(self, model: str, prompt_version: str, kind: str) -> dict[str, float]:
         """What generating every stored text of ``kind`` cost, over all the runs that made them."""
         texts, tokens, seconds = self._db.execute(

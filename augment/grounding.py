@@ -174,3 +174,22 @@ def ground(
             grounded.append((item, float(similarity)))
             seen.add(item)
     return grounded
+
+
+def text_item_table(
+    titles: Sequence[str], width: int, std: float, seed: int, cache_dir: Path | None = None
+) -> np.ndarray:
+    """An item embedding table (row 0 padding) whose titled rows are the catalog's text embeddings
+    projected on their ``width`` principal components, scaled to a standard deviation of ``std``
+    (the model's random initialisation): items with similar titles start close. Untitled items
+    keep random rows drawn with ``seed``. Public text only: a server can build it."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0.0, std, size=(len(titles), width)).astype(np.float32)
+    table[0] = 0.0
+    space = ItemSpace.from_text(titles, TextEncoder(), cache_dir)
+    named = np.flatnonzero(space.has_vector)
+    centred = space.vectors[named] - space.vectors[named].mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:width].T  # fewer titled items than width: fewer components
+    table[named, : projected.shape[1]] = projected * (std / projected.std())
+    return table

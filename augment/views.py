@@ -25,6 +25,7 @@ al. 2021). Every item is a catalog item by construction; the view is the best
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,8 @@ from lumosrec.augment.prompts import (
 from lumosrec.augment.retrieval import RECENT, distant_items, neighbours_of, retrieval_view
 from lumosrec.augment.runtime import Chat, Generator
 from lumosrec.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MODES = ("llm", "llm-rank", "retrieval")
 LLM_MODES = ("llm", "llm-rank")
@@ -232,6 +235,17 @@ class ViewMaker:
             bar.update(len(batch))
             elapsed = time.perf_counter() - started
             bar.set_postfix(users_per_min=f"{60 * bar.n / elapsed:.1f}")
+            if start == 0 and len(pending) > len(batch):  # the estimate, before the long part
+                minutes = (len(pending) - len(batch)) * elapsed / len(batch) / 60
+                log.info(
+                    "%s views of %d users to make (%d cached): about %.0f more minutes at the first batch's "
+                    "%.1f users/min (fewer users: sample-users; no LLM: views=retrieval)",
+                    self.config.mode,
+                    len(pending),
+                    stats.from_cache,
+                    minutes,
+                    60 * len(batch) / elapsed,
+                )
         bar.close()
         stats.seconds = time.perf_counter() - started
         return views, stats

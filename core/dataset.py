@@ -17,6 +17,8 @@ raises :class:`lumosrec.core.errors.DataError` naming the file, line and column.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -82,6 +84,17 @@ class Dataset:
     def subset(self, users: Sequence[int]) -> Dataset:
         """The given users (indices) with the whole catalog, so item indices keep their meaning."""
         return replace(self, sequences=[self.sequences[u] for u in users], user_ids=[self.user_ids[u] for u in users])
+
+    def content_sha256(self) -> str:
+        """SHA-256 of the users' sequences and the catalog (ids and text): the same for the same data
+        whatever its path or format, different as soon as an interaction or an item changes."""
+        digest = hashlib.sha256()
+        for user, sequence in zip(self.user_ids, self.sequences):
+            digest.update(f"{user}\0{len(sequence)}\0".encode())
+            digest.update(np.asarray(sequence, dtype=np.int64).tobytes())
+        for item, title, categories in zip(self.item_ids, self.titles, self.categories):
+            digest.update("\0".join((item, title, *categories, "\n")).encode())
+        return digest.hexdigest()
 
     def stats(self) -> dict[str, float | int | str]:
         """Summary statistics, as printed by ``lumos data stats``."""
@@ -341,8 +354,37 @@ def catalog_size(path: str | Path) -> int:
     A deployed server knows the public catalog but no user's interactions; the catalog alone
     fixes the item index, exactly as :func:`load_dataset` builds it on the nodes.
     """
+    return len(_read_items(_catalog_items(path)).titles)
+
+
+def _catalog_items(path: str | Path) -> Path:
     path = Path(path)
     items = path / "items.csv" if path.is_dir() else path
     if not items.is_file():
         raise DataError(f"{items}: no such items file")
-    return len(_read_items(items).titles)
+    return items
+
+
+def catalog_titles(path: str | Path) -> list[str]:
+    """A catalog's titles by item index (``""`` for padding index 0), indexed as the nodes index it."""
+    text = _read_items(_catalog_items(path))
+    return ["", *(text.titles[item] for item in sorted(text.titles, key=int))]
+
+
+def catalog_sha256(path: str | Path) -> str:
+    """SHA-256 of a catalog's items file."""
+    return hashlib.sha256(_catalog_items(path).read_bytes()).hexdigest()
+
+
+#: a catalog folder's record of the dataset it was cut from (``lumos deploy split`` writes it)
+CATALOG_NAME_FILE = "dataset.json"
+
+
+def catalog_name(path: str | Path) -> str:
+    """The name of the dataset a catalog belongs to: recorded in its folder by ``lumos deploy
+    split``, else the folder's (or file's) name."""
+    path = Path(path)
+    try:
+        return str(json.loads((path / CATALOG_NAME_FILE).read_text(encoding="utf-8"))["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return path.name if path.is_dir() else path.stem

@@ -20,3 +20,7 @@ class DownloadError(LumosError):
 
 class ConfigError(LumosError):
     """A command-line option or configuration value is invalid."""
+
+
+class FederationError(LumosError):
+    """The federation cannot go on as configured (too few nodes connected); it resumes later."""

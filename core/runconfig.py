@@ -8,6 +8,7 @@ values, parsed and written here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -64,3 +65,105 @@ def cohort_size(run_config: Mapping) -> int:
 def model_sizes(run_config: Mapping) -> dict:
     """The backbone's hyper-parameters set by the run config (the others keep their defaults)."""
     return {field: run_config[key] for key, field in MODEL_KEYS.items() if key in run_config}
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value: object) -> bool:
+    return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: the values a numeric run-config key accepts: (test, what the message says it must be)
+_RANGES = {
+    "positive integer": (lambda v: _integer(v) and v >= 1, "a positive integer"),
+    "count": (lambda v: _integer(v) and v >= 0, "0 or a positive integer"),
+    "positive": (lambda v: _real(v) and v > 0, "positive"),
+    "non-negative": (lambda v: _real(v) and v >= 0, "0 or positive"),
+    "share": (lambda v: _real(v) and 0 < v <= 1, "in (0, 1]"),
+    "probability": (lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
+    "below one": (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    "below half": (lambda v: _real(v) and 0 <= v < 0.5, "in [0, 0.5)"),
+    "nodes or auto": (lambda v: _integer(v) and v >= -1, "-1 (as many as the rule tolerates) or a count"),
+}
+
+#: run-config key -> its range in :data:`_RANGES`; a value outside it would fail only once the
+#: federation runs (after Ray or a SuperLink started), or make the server wait forever
+VALUE_RANGES = {
+    **dict.fromkeys(
+        (
+            "num-server-rounds",
+            "min-nodes",
+            "local-epochs",
+            "batch-size",
+            "users-per-client",
+            "max-len",
+            "hidden-size",
+            "num-layers",
+            "num-heads",
+            "inner-size",
+            "views-items",
+            "krum-select",
+        ),
+        "positive integer",
+    ),
+    **dict.fromkeys(
+        (
+            "sample-users",
+            "sample-seed",
+            "seed",
+            "cohort-size",
+            "eval-every",
+            "client-threads",
+            "aggregation-chunk",
+            "max-reply-examples",
+            "max-reply-users",
+            "lumos-contrastive-rows",
+            "lumos-future-horizon",
+        ),
+        "count",
+    ),
+    **dict.fromkeys(
+        ("learning-rate", "server-learning-rate", "cl-temperature", "lumos-tau", "round-timeout", "node-wait"),
+        "positive",
+    ),
+    **dict.fromkeys(
+        (
+            "max-grad-norm",
+            "proximal-mu",
+            "cl-weight",
+            "lumos-lambda-future",
+            "lumos-lambda-paraphrase",
+            "lumos-future-targets",
+            "lumos-counterfactual-negatives",
+            "dp-clipping-norm",
+            "dp-noise-multiplier",
+        ),
+        "non-negative",
+    ),
+    **dict.fromkeys(("fraction-train", "fraction-evaluate", "dp-delta"), "share"),
+    "lumos-paraphrase-substitution": "probability",
+    **dict.fromkeys(("dropout", "server-momentum"), "below one"),
+    "trimmed-beta": "below half",
+    "num-malicious-nodes": "nodes or auto",
+}
+
+
+def check_values(run_config: Mapping) -> None:
+    """Refuse, with one line, a run-config value no run can use: rounds, fractions, node counts,
+    learning rates, model sizes out of range. Keys absent from ``run_config`` are not checked.
+
+    Every entry point calls it before anything starts: the launchers (through
+    ``lumosrec.launch.app.check_run_config``) and the ServerApp (for a bare ``flwr run``)."""
+    for key, kind in VALUE_RANGES.items():
+        if key not in run_config:
+            continue
+        accepts, expected = _RANGES[kind]
+        if not accepts(run_config[key]):
+            raise ConfigError(f"run config {key}={run_config[key]!r}: must be {expected}")
+    # the attention heads split the hidden vector evenly (both are positive integers by now)
+    if run_config.get("hidden-size", 1) % run_config.get("num-heads", 1):
+        raise ConfigError(
+            f"run config hidden-size={run_config['hidden-size']}: must be a multiple of num-heads={run_config['num-heads']}"
+        )

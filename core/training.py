@@ -8,18 +8,21 @@ Federated clients reuse :func:`train_epochs` for their local steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lumosrec.core.batching import PrefixSamples
+from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import LeaveOneOut, evaluate
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,22 @@ class TrainConfig:
     max_len: int = 50
     seed: int = 2024
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be {rule}, not {getattr(self, name)}"
+            for name, rule, ok in (
+                ("epochs", "at least 1", self.epochs >= 1),
+                ("batch_size", "at least 1", self.batch_size >= 1),
+                ("learning_rate", "positive", self.learning_rate > 0),
+                ("weight_decay", "0 or positive", self.weight_decay >= 0),
+                ("patience", "at least 1", self.patience >= 1),
+                ("max_len", "at least 1", self.max_len >= 1),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -111,12 +130,18 @@ def train_epochs(
     return total_loss / max(seen, 1), seen
 
 
+#: what an interrupted :func:`fit` resumes from, next to its run's outputs
+FIT_CHECKPOINT = "checkpoint.pt"
+
+
 def fit(
     model: torch.nn.Module,
     split: LeaveOneOut,
     config: TrainConfig,
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    fingerprint: Mapping | None = None,
 ) -> FitResult:
     """Train ``model`` on every training prefix until validation MRR@10 stops improving.
 
@@ -125,6 +150,10 @@ def fit(
     on_epoch : callable, optional
         Called with each epoch's row (loss, validation metrics, timings) as soon as it
         exists, so that a run's metrics are on disk even if the run is interrupted.
+    checkpoint : Path, optional
+        Written after every epoch (model, optimizer, random streams, early-stopping state): a
+        run started again with the same ``fingerprint`` continues after the last finished epoch
+        and ends exactly as an uninterrupted run would; another fingerprint is refused.
     """
     device = pick_device(config.device)
     model.to(device)
@@ -132,9 +161,35 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     best = FitResult(best_epoch=0, best_state=copy.deepcopy(model.state_dict()))
-    best_score, waited = -1.0, 0
-    epochs = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress, unit="epoch")
+    best_score, waited, done = -1.0, 0, 0
+    fingerprint = {**(fingerprint or {}), **{k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}}
+    if checkpoint is not None and checkpoint.is_file():
+        saved = _load_fit_checkpoint(checkpoint, fingerprint)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        for name, generator in _model_rngs(model).items():  # a model's own draws (CL4SRec's augmentations)
+            _set_rng_state(generator, saved["model_rngs"][name])
+        best = FitResult(saved["best_epoch"], saved["best_state"], saved["history"])
+        best_score, waited, done = saved["best_score"], saved["waited"], len(best.history)
+        for row in best.history:  # the caller's record of the epochs before the interruption
+            if on_epoch is not None:
+                on_epoch(row)
+        log.info("resumed after epoch %d from %s", done, checkpoint)
+        if progress:
+            tqdm.write(f"resumed after epoch {done}")
+    epochs = tqdm(
+        range(done + 1, config.epochs + 1),
+        desc="epochs",
+        disable=not progress,
+        unit="epoch",
+        initial=done,
+        total=config.epochs,
+    )
     for epoch in epochs:
+        if waited >= config.patience:
+            break  # a resumed run that had already stopped early
         started = time.perf_counter()
         loss, _ = train_epochs(model, optimizer, samples, 1, config.batch_size, rng, device, progress)
         train_seconds = time.perf_counter() - started
@@ -148,14 +203,16 @@ def fit(
             "valid": valid,
         }
         best.history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
         score = valid["unmasked"][EARLY_STOPPING_METRIC]
         if score > best_score:
             best_score, waited = score, 0
             best.best_epoch, best.best_state = epoch, copy.deepcopy(model.state_dict())
         else:
             waited += 1
+        if checkpoint is not None:
+            _save_fit_checkpoint(checkpoint, model, optimizer, rng, best, best_score, waited, fingerprint)
+        if on_epoch is not None:
+            on_epoch(row)
         epochs.set_postfix(loss=f"{loss:.3f}", mrr10=f"{score:.4f}", best=best.best_epoch)
         log.info("epoch %d loss %.4f valid MRR@10 %.4f (%.1fs)", epoch, loss, score, train_seconds)
         if waited >= config.patience:
@@ -163,3 +220,58 @@ def fit(
             break
     model.load_state_dict(best.best_state)
     return best
+
+
+def _save_fit_checkpoint(
+    path: Path, model, optimizer, rng: np.random.Generator, best: FitResult, score: float, waited: int, fingerprint
+) -> None:
+    payload = {
+        "fingerprint": dict(fingerprint),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "model_rngs": {name: _rng_state(generator) for name, generator in _model_rngs(model).items()},
+        "best_epoch": best.best_epoch,
+        "best_state": best.best_state,
+        "history": best.history,
+        "best_score": score,
+        "waited": waited,
+    }
+    temporary = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def _model_rngs(model: torch.nn.Module) -> dict[str, np.random.Generator | torch.Generator]:
+    return {k: v for k, v in vars(model).items() if isinstance(v, np.random.Generator | torch.Generator)}
+
+
+def _rng_state(generator: np.random.Generator | torch.Generator) -> object:
+    return generator.get_state() if isinstance(generator, torch.Generator) else generator.bit_generator.state
+
+
+def _set_rng_state(generator: np.random.Generator | torch.Generator, state: object) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    else:
+        generator.bit_generator.state = state
+
+
+def _load_fit_checkpoint(path: Path, fingerprint: Mapping) -> dict:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: no code
+        stored = saved["fingerprint"]
+    except Exception as error:
+        raise ConfigError(
+            f"{path} cannot be read as a training checkpoint ({type(error).__name__}); "
+            "delete it (or pass --overwrite) to start afresh"
+        ) from error
+    if stored != dict(fingerprint):
+        changed = sorted(k for k in {*stored, *fingerprint} if stored.get(k) != fingerprint.get(k))
+        raise ConfigError(
+            f"{path} belongs to a run with other settings ({', '.join(changed)}); "
+            "use another --out, or --overwrite to start afresh"
+        )
+    return saved

@@ -22,7 +22,8 @@ from lumosrec.client.objectives import choices as objective_choices
 from lumosrec.client.objectives import objective_for
 from lumosrec.core.data import run_data
 from lumosrec.core.errors import ConfigError
-from lumosrec.core.runconfig import cohort_size
+from lumosrec.core.runconfig import check_values, cohort_size
+from lumosrec.server.server_app import ITEM_INITS, load_checkpoint
 from lumosrec.server.strategies import STRATEGIES, build_strategy, cohort_refusal
 from lumosrec.server.validation import weighting
 
@@ -63,20 +64,21 @@ def default_run_config(app_dir: Path = APP_DIR) -> dict:
 
 
 def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
-    """``defaults`` updated with ``run_config``; unknown keys and values are one-line errors."""
+    """``defaults`` updated with ``run_config``; unknown keys and values out of range
+    (:func:`~lumosrec.core.runconfig.check_values`) are one-line errors."""
     unknown = sorted(set(run_config) - set(defaults))
     if unknown:
         raise ConfigError(
             f"unknown run-config key(s) {', '.join(unknown)}; see [tool.flwr.app.config] in pyproject.toml"
         )
     merged = {**defaults, **run_config}
-    for key, allowed in {"client-optimizer": OPTIMIZERS, "cohort-engine": ENGINES, **objective_choices()}.items():
+    check_values(merged)
+    choices = {"client-optimizer": OPTIMIZERS, "cohort-engine": ENGINES, "item-init": ITEM_INITS, **objective_choices()}
+    for key, allowed in choices.items():
         if merged[key] not in allowed:
             raise ConfigError(f"run config {key}={merged[key]!r}: choose one of {', '.join(allowed)}")
     if str(merged["strategy"]).lower() not in STRATEGIES:
         raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
-    if cohort_size(merged) < 0:
-        raise ConfigError("cohort-size must be 0 (off) or the number of users a cohort node holds")
     weighting(merged)
     refusal = cohort_refusal(merged)
     if not refusal and cohort_size(merged) and merged["cohort-engine"] == "batched":
@@ -102,3 +104,16 @@ def check_node_count(run_config: Mapping, num_nodes: int) -> None:
 def default_num_nodes(run_config: Mapping) -> int:
     """One node per cohort (``cohort-size`` users) or per silo (``users-per-client`` users)."""
     return math.ceil(run_data(run_config).num_users / (cohort_size(run_config) or int(run_config["users-per-client"])))
+
+
+def check_resume(run_config: Mapping) -> int:
+    """The rounds a resumed run skips: those of the checkpoint in ``out-dir`` (0 without one, or
+    with ``resume`` off). A checkpoint written with other settings is refused here, with one line,
+    before anything starts."""
+    if not run_config["resume"]:
+        return 0
+    try:
+        state = load_checkpoint(Path(str(run_config["out-dir"])), run_config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return state.completed_rounds if state is not None else 0

@@ -19,7 +19,7 @@ from lumosrec.core.dataset import Dataset
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import METRIC_NAMES, evaluate, leave_one_out
 from lumosrec.core.results import RunDirectory, format_table, peak_rss_mb
-from lumosrec.core.training import TrainConfig, fit, pick_device, seed_everything
+from lumosrec.core.training import FIT_CHECKPOINT, TrainConfig, fit, pick_device, seed_everything
 from lumosrec.models.factory import build_model
 from lumosrec.models.popularity import Popularity
 
@@ -49,6 +49,8 @@ def run_centralized(
     if method not in CENTRALIZED_METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(CENTRALIZED_METHODS)}")
     run = RunDirectory(out, overwrite=overwrite)
+    if overwrite:  # start afresh rather than resume
+        (run.path / FIT_CHECKPOINT).unlink(missing_ok=True)
     seed_everything(train.seed)
     split = leave_one_out(dataset.sequences, dataset.num_items)
     hyper, side = dict(hyper or {}), None
@@ -70,7 +72,15 @@ def run_centralized(
         }
     )
     started = time.perf_counter()
-    fitted = fit(model, split, train, on_epoch=run.log_metrics, progress=progress)
+    fitted = fit(
+        model,
+        split,
+        train,
+        on_epoch=run.log_metrics,
+        progress=progress,
+        checkpoint=run.path / FIT_CHECKPOINT,
+        fingerprint={"method": method, "data-sha256": dataset.content_sha256(), "model": model.config.to_dict()},
+    )
     device = pick_device(train.device)
     run.save_model(fitted.best_state, model.config.to_dict())
     popularity = Popularity(split.train, dataset.num_items)
@@ -92,8 +102,13 @@ def run_centralized(
 
 
 def result_table(result: dict) -> str:
-    """Test metrics of the run next to the popularity baseline."""
+    """Test metrics of the run next to the popularity baseline, under a title that says what they are."""
     rows = {result["method"]: result["test"]}
     for name, baseline in result.get("baselines", {}).items():
         rows[name] = baseline["test"]
-    return format_table(rows, METRIC_NAMES)
+    unit = "round" if "failures" in result else "epoch"  # federated results count failures
+    chosen = (
+        f"; the model of {unit} {result['best_epoch']}, chosen by validation MRR@10" if result.get("best_epoch") else ""
+    )
+    title = f"Test metrics on {result['dataset']}: each user's last item ranked against all items{chosen}"
+    return title + "\n" + format_table(rows, METRIC_NAMES)

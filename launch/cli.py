@@ -12,15 +12,19 @@ Subcommands::
     lumos views inspect --data ml-100k --out runs/views-ml100k --user-id 1
 
 User mistakes (bad paths, malformed files, unknown options, no network) end with one
-``lumos: error: ...`` line and exit status 2, never a traceback.
+``lumos: error: ...`` line and exit status 2, never a traceback. Ctrl-C or SIGTERM stops
+``simulate`` and ``deploy local`` with every process they started, one line and exit status 130
+(SIGINT) or 143 (SIGTERM); the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +71,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, help="tau of CL4SRec and SRA-CL")
     _add_sracl_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(handler=_train)
+    parser.set_defaults(handler=_resumable(_train))
 
 
 def _add_sracl_options(parser: argparse.ArgumentParser) -> None:
@@ -231,13 +235,33 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--client-cpus", type=int, help="CPUs per virtual client (Flower default 2)")
     parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds before the run is abandoned")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=_simulate)
+    parser.set_defaults(handler=_resumable(_simulate))
+
+
+def _resumable(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command whose runs resume, stopped cleanly by Ctrl-C and SIGTERM: its processes are stopped
+    by its own cleanup, one line says how to go on (the checkpoint resumes), and the exit status is 128
+    plus the signal's number (130 for Ctrl-C, 143 for SIGTERM), never a traceback."""
+    from lumosrec.launch.supervise import Interrupted, interruptible
+
+    @functools.wraps(run)
+    def stoppable(args: argparse.Namespace) -> int:
+        try:
+            with interruptible():
+                return run(args)
+        except Interrupted as stop:
+            print("lumos: interrupted; resume with the same command", file=sys.stderr)
+            return 128 + stop.signum
+
+    return stoppable
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from lumosrec.core.data import run_data
     from lumosrec.core.runconfig import parse_run_config
     from lumosrec.launch.centralized import result_table
-    from lumosrec.launch.simulate import simulate
+    from lumosrec.launch.simulate import simulate, simulation_config
+    from lumosrec.launch.supervise import run_summary
 
     named = {
         "data": args.data,
@@ -253,12 +277,14 @@ def _simulate(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     overrides = {**parse_run_config(args.run_config), **{k: v for k, v in named.items() if v is not None}}
-    result = simulate(overrides, args.num_supernodes, args.ray_address, args.client_cpus, args.timeout, not args.quiet)
+    run_config = simulation_config(overrides)
+    result = simulate(run_config, args.num_supernodes, args.ray_address, args.client_cpus, args.timeout, not args.quiet)
     print(
         f"\n{result['method']} on {result['dataset']}: best round {result['best_epoch']} of {result['epochs']}, "
-        f"{result['seconds_per_epoch']:.1f} s/round, {result['failures']} client failures"
+        f"{result['seconds_per_epoch']:.1f} s/round"
     )
     print(result_table(result))
+    print(run_summary(result, Path(run_config["out-dir"]), run_data(run_config).num_users))
     return 0
 
 
@@ -288,7 +314,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_sracl_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(handler=_run)
+    parser.set_defaults(handler=_resumable(_run))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -366,7 +392,9 @@ def _add_deploy(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--rounds", type=int, default=2)
     local.add_argument("--workdir", type=Path, default=Path("runs/deploy-local"))
     local.add_argument("--run-config", default="", help="more overrides, TOML-typed")
-    local.set_defaults(handler=_deploy_local)
+    local.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds before the run is abandoned")
+    local.add_argument("--quiet", action="store_true", help="no progress bar")
+    local.set_defaults(handler=_resumable(_deploy_local))
 
 
 def _deploy_certs(args: argparse.Namespace) -> int:
@@ -409,28 +437,36 @@ def _deploy_split(args: argparse.Namespace) -> int:
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
-    from lumosrec.core.results import read_result
-    from lumosrec.core.runconfig import format_run_config, parse_run_config
-    from lumosrec.launch.app import APP_DIR
+    from lumosrec.core.runconfig import parse_run_config
+    from lumosrec.launch.app import APP_DIR, check_node_count, check_resume, check_run_config, default_run_config
     from lumosrec.launch.centralized import result_table
     from lumosrec.launch.deployment import LoopbackDeployment, split_nodes
+    from lumosrec.launch.supervise import RunFollower, run_summary
 
     workdir = args.workdir.resolve()
-    folders = split_nodes(resolve_data(args.data), args.nodes, workdir / "data")
+    dataset = resolve_data(args.data)
+    defaults = default_run_config()
     out = workdir / "run"
+    # every node trains every round; a dead node is waited for (node-wait), then the round goes on
+    # without it while min-nodes are left
     overrides = {
         "catalog": str(workdir / "data" / "catalog"),
         "out-dir": str(out),
         "num-server-rounds": args.rounds,
         "fraction-train": 1.0,
-        "min-nodes": args.nodes,
+        "min-nodes": min(int(defaults["min-nodes"]), max(args.nodes, 1)),
         **parse_run_config(args.run_config),
     }
+    run_config = check_run_config(overrides, defaults)
+    check_node_count(run_config, args.nodes)
+    folders = split_nodes(dataset, args.nodes, workdir / "data")
+    follower = RunFollower(
+        out, int(run_config["num-server-rounds"]), dataset.num_users, check_resume(run_config), not args.quiet
+    )
     with LoopbackDeployment(folders, workdir / "processes") as deployment:
-        status = deployment.run(APP_DIR, format_run_config(overrides))
-    if status != "finished:completed" or not (out / "result.json").is_file():
-        raise LumosError(f"deployment run ended with status {status}; logs in {workdir / 'processes'}")
-    print(result_table(read_result(out / "result.json")))
+        result = deployment.run(APP_DIR, run_config, follower, args.timeout)
+    print(result_table(result))
+    print(run_summary(result, out, dataset.num_users))
     return 0
 
 

@@ -35,21 +35,24 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lumosrec.core.dataset import Dataset
+from lumosrec.core.dataset import CATALOG_NAME_FILE, Dataset
 from lumosrec.core.errors import ConfigError, LumosError
+from lumosrec.core.runconfig import format_run_config
 from lumosrec.core.synthetic import write_folder
 from lumosrec.launch.app import flower_env, free_port
+from lumosrec.launch.supervise import ChildProcesses, RunError, RunFollower, flower_refusal, flwr_answer, run_to_end
 
 log = logging.getLogger(__name__)
 
@@ -516,23 +519,7 @@ def write_connection(home: Path, name: str, address: str, ca: Path) -> Path:
 
 def flwr_json(arguments: list[str], home: Path, timeout: float = 120.0) -> dict:
     """Run ``flwr ... --format json`` with ``FLWR_HOME=home``; its JSON answer (``success`` says how it went)."""
-    done = subprocess.run(
-        ["flwr", *arguments, "--format", "json"],
-        env=flower_env(FLWR_HOME=str(home)),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "error-message": (done.stderr or done.stdout).strip()[-500:]}
-
-
-def _reason(answer: dict) -> str:
-    """The last line of a failed ``flwr`` answer: Flower's own error, without its banner."""
-    lines = str(answer.get("error-message", answer)).strip().splitlines()
-    return lines[-1] if lines else "no answer"
+    return flwr_answer(arguments, flower_env(FLWR_HOME=str(home)), timeout, check=False)
 
 
 def register_nodes(public_keys: Sequence[Path], home: Path, connection: str) -> list[str]:
@@ -545,7 +532,7 @@ def register_nodes(public_keys: Sequence[Path], home: Path, connection: str) -> 
         if answer.get("success"):
             node_ids.append(str(answer["node-id"]))
         elif "already in use" not in str(answer.get("error-message")):
-            raise LumosError(f"registering {key} failed: {_reason(answer)}")
+            raise LumosError(f"registering {key} failed: {flower_refusal(answer)}")
     return node_ids
 
 
@@ -575,6 +562,8 @@ def split_nodes(dataset: Dataset, nodes: int, out: Path) -> list[Path]:
         folders.append(write_folder(part, out / f"node-{index}"))
     catalog = Dataset(dataset.name, [], [], dataset.item_ids, dataset.titles, dataset.categories)
     write_folder(catalog, out / "catalog")
+    # the server sees only this folder: it names the run's dataset in result.json
+    (out / "catalog" / CATALOG_NAME_FILE).write_text(json.dumps({"name": dataset.name}) + "\n", encoding="utf-8")
     return folders
 
 
@@ -584,15 +573,20 @@ class LoopbackDeployment:
     and per data folder a registered SuperNode with its ClientApp executor.
 
     Use as a context manager: it waits until every SuperNode is online. :meth:`run` submits the
-    app with ``flwr run`` through the operator's CLI home (``cli/``) and returns the run's final
-    status. Every process gets its own ``FLWR_HOME`` and log file in ``workdir``; :meth:`start`
-    adds one (stopped with the rest). On one host nothing keeps a node from the SuperLink's port;
-    across hosts, that port is on the operator host's loopback and nodes see the gateway only.
+    app with ``flwr run`` through the operator's CLI home (``cli/``) and follows it to its result.
+    Every process gets its own ``FLWR_HOME``, log file in ``workdir`` and session (Ctrl-C in a
+    terminal reaches the launcher only); :meth:`start` adds one. Leaving the context stops every
+    process started meanwhile, those the executors spawned included (:class:`ChildProcesses`).
+    On one host nothing keeps a node from the SuperLink's port; across hosts, that port is on the
+    operator host's loopback and nodes see the gateway only.
     """
 
     data_paths: list[Path]
     workdir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    #: the processes without which no run can go on (a SuperNode may die: the server counts it out)
+    ESSENTIAL = ("superlink", "superexec-serverapp", "fleet-gateway")
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -606,6 +600,7 @@ class LoopbackDeployment:
         self.node_addresses = [f"127.0.0.1:{free_port()}" for _ in self.nodes]
         self.cli_home = self.workdir / "cli"
         write_connection(self.cli_home, "operator", self.superlink_address, self.files.ca)
+        self.children = ChildProcesses()
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         """Start ``command`` with its own ``FLWR_HOME`` (``workdir/name``), output to ``workdir/name.log``."""
@@ -613,12 +608,17 @@ class LoopbackDeployment:
         home.mkdir(exist_ok=True)
         with open(self.workdir / f"{name}.log", "w") as log_file:
             process = subprocess.Popen(
-                command, env=flower_env(FLWR_HOME=str(home)), stdout=log_file, stderr=subprocess.STDOUT
+                command,
+                env=flower_env(FLWR_HOME=str(home)),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.processes[name] = process
         return process
 
     def __enter__(self) -> LoopbackDeployment:
+        self.children.__enter__()
         try:
             self._start_all()
         except BaseException:
@@ -650,6 +650,7 @@ class LoopbackDeployment:
         context = ssl.create_default_context(cafile=str(self.files.ca))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.check_alive()
             try:
                 urllib.request.urlopen(f"https://{address}/health", timeout=2, context=context)
                 return
@@ -657,46 +658,43 @@ class LoopbackDeployment:
                 time.sleep(0.3)
         raise LumosError(f"{name} did not become healthy within {timeout:.0f} s; see {self.workdir}/{name}.log")
 
+    def check_alive(self) -> None:
+        """Raise :class:`RunError` when a process no run can do without has exited."""
+        for name in self.ESSENTIAL:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                code = process.returncode
+                how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"exited with status {code}"
+                raise RunError(f"the {name} {how}; see {self.workdir}/{name}.log")
+
     def node_status(self) -> dict[str, str]:
         """Node id -> status (``registered``, ``online``, ...) of every node the SuperLink knows."""
-        answer = flwr_json(["supernode", "list", "operator"], self.cli_home)
-        if not answer.get("success"):
-            raise LumosError(f"flwr supernode list failed: {_reason(answer)}")
+        answer = flwr_answer(["supernode", "list", "operator"], flower_env(FLWR_HOME=str(self.cli_home)))
         return {str(node["node-id"]): node["status"] for node in answer["nodes"]}
 
     def _wait_online(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.check_alive()
             status = self.node_status()
             if all(status.get(node_id) == "online" for node_id in self.node_ids):
                 return
             time.sleep(1.0)
         raise LumosError(f"SuperNodes not online within {timeout:.0f} s ({status}); see {self.workdir}/supernode-*.log")
 
-    def run(self, app_dir: Path, run_config: str, timeout: float = 900.0) -> str:
-        """Submit the app, follow it to the end, return its final status."""
-        submitted = flwr_json(["run", str(app_dir), "operator", "--run-config", run_config], self.cli_home, timeout=300)
-        if not submitted.get("success"):
-            raise LumosError(f"flwr run failed: {_reason(submitted)}")
-        run_id = str(submitted["run-id"])
-        with open(self.workdir / "run.log", "w") as run_log:
-            subprocess.run(
-                ["flwr", "log", run_id, "operator", "--stream"],
-                env=flower_env(FLWR_HOME=str(self.cli_home)),
-                stdout=run_log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
-        listed = flwr_json(["list", "operator", "--run-id", run_id], self.cli_home)
-        return listed["runs"][0]["status"]
+    def run(self, app_dir: Path, run_config: Mapping, follower: RunFollower, timeout: float = 900.0) -> dict:
+        """Submit the app with ``run_config``, follow it to its end with ``follower`` (Flower's log
+        to ``workdir/run.log``), and return its ``result.json``; a run that fails, or loses a
+        process it needs, raises :class:`RunError`."""
+        return run_to_end(
+            [str(app_dir), "operator", "--run-config", format_run_config(run_config)],
+            ["operator"],
+            flower_env(FLWR_HOME=str(self.cli_home)),
+            follower,
+            timeout,
+            log_path=self.workdir / "run.log",
+            alive=self.check_alive,
+        )
 
     def __exit__(self, *exc: object) -> None:
-        for process in reversed(self.processes.values()):
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        self.children.stop()

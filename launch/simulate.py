@@ -2,12 +2,15 @@
 
 It wraps ``flwr run`` and fixes what makes the bare command unsafe to script:
 
+* the run config is checked, and a checkpoint to resume compared, before anything starts;
 * ``num-supernodes`` is derived from the data (one user per virtual client by default);
 * relative paths become absolute (the apps run from Flower's own app folder);
 * a private ``FLWR_HOME`` and port per call, so a stale SuperLink of another checkout can
-  never serve the run, and the managed SuperLink is stopped afterwards;
+  never serve the run, and every process the run started (the detached SuperLink, its
+  executor, the simulation, Ray's processes) is stopped afterwards, on Ctrl-C and SIGTERM too;
 * ``flwr run`` exits 0 even when the run failed, so the run's final status *and* its
-  ``result.json`` are checked, and any failure raises :class:`SimulationError`.
+  ``result.json`` are checked, and any failure raises :class:`~lumosrec.launch.supervise.RunError`
+  with the reason from the run's log.
 
 ``--ray-address`` attaches the simulation to an existing Ray cluster (``ray start --head``).
 """
@@ -15,46 +18,45 @@ It wraps ``flwr run`` and fixes what makes the bare command unsafe to script:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import psutil
 
 from lumosrec.client.objectives import objective_for
-from lumosrec.core.errors import ConfigError, LumosError
-from lumosrec.core.results import read_result
+from lumosrec.core.data import run_data
 from lumosrec.core.runconfig import format_run_config
 from lumosrec.launch.app import (
     APP_DIR,
     check_node_count,
+    check_resume,
     check_run_config,
     default_num_nodes,
     default_run_config,
     flower_env,
     free_port,
 )
-from lumosrec.server.server_app import load_checkpoint
+from lumosrec.launch.supervise import (
+    ChildProcesses,
+    RunFollower,
+    descendants,
+    interruptible,
+    run_to_end,
+    terminate,
+)
 
 log = logging.getLogger(__name__)
 
-ROUND_LINE = re.compile(r"round (\d+): loss")
 PATH_KEYS = ("data", "out-dir", "views-dir")
 
 
-class SimulationError(LumosError):
-    """The simulation did not finish with status ``finished:completed`` and a result."""
-
-
-def _absolute(run_config: dict) -> dict:
+def simulation_config(overrides: Mapping[str, object]) -> dict:
+    """The run config a simulation runs with: checked, its paths absolute."""
+    run_config = check_run_config(overrides, default_run_config())
     for key in PATH_KEYS:
         value = str(run_config[key])
         if value and (key == "out-dir" or Path(value).exists()):
@@ -63,31 +65,16 @@ def _absolute(run_config: dict) -> dict:
 
 
 def stop_federation(flwr_home: Path) -> None:
-    """Stop every process of one simulation: the detached SuperLink that ``flwr run`` started,
-    its SuperExec, the simulation engine and its Ray workers all carry our private FLWR_HOME
-    in their environment, and nothing else does."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _flwr(args: list[str], env: Mapping[str, str], timeout: float) -> str:
-    done = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise SimulationError(f"flwr {args[0]} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-    return done.stdout
+    """Stop what is left of a simulation whose launcher could not clean up (it was SIGKILLed): the
+    processes that carry its private ``FLWR_HOME`` in their environment (SuperLink, SuperExec, the
+    simulation, Ray's raylet and GCS), and their descendants (Ray's agents and workers rename
+    themselves and overwrite their environment)."""
+    marked = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and process.environ().get("FLWR_HOME") == str(flwr_home):
+                marked.append(process)
+    terminate({*marked, *descendants(process.pid for process in marked)}, grace=0)
 
 
 def simulate(
@@ -110,10 +97,13 @@ def simulate(
         Address of a running Ray cluster (``host:port``) to attach to.
     client_cpus : int, optional
         CPUs reserved per virtual client (Flower's default is 2).
+
+    Raises :class:`~lumosrec.launch.supervise.RunError` when the run fails (with the reason from
+    its log), and :class:`~lumosrec.launch.supervise.Interrupted` on SIGINT or SIGTERM, once every
+    process the run started is stopped; its checkpoint resumes.
     """
-    run_config = _absolute(check_run_config(overrides, default_run_config()))
-    if run_config["resume"]:
-        _check_resumable(run_config)
+    run_config = simulation_config(overrides)
+    resumed = check_resume(run_config)
     if num_supernodes is None:
         num_supernodes = default_num_nodes(run_config)
     check_node_count(run_config, num_supernodes)
@@ -131,65 +121,19 @@ def simulate(
         run_config["num-server-rounds"],
         run_config["out-dir"],
     )
-    # `timeout`, `kill` and job schedulers send SIGTERM: clean up as on Ctrl-C.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    out_dir = Path(str(run_config["out-dir"]))
+    rounds = int(run_config["num-server-rounds"])
+    follower = RunFollower(out_dir, rounds, run_data(run_config).num_users, resumed, progress)
+    arguments = [
+        str(APP_DIR),
+        "--federation-config",
+        " ".join(f"{k}={v}" for k, v in federation.items()),
+        "--run-config",
+        format_run_config(run_config),
+    ]
     try:
-        submitted = _flwr(
-            [
-                "run",
-                str(APP_DIR),
-                "--format",
-                "json",
-                "--federation-config",
-                " ".join(f"{k}={v}" for k, v in federation.items()),
-                "--run-config",
-                format_run_config(run_config),
-            ],
-            env,
-            timeout=300,
-        )
-        run_id = str(json.loads(submitted)["run-id"])
-        _stream(run_id, env, int(run_config["num-server-rounds"]), timeout, progress)
-        listed = json.loads(_flwr(["list", "--run-id", run_id, "--format", "json"], env, timeout=120))
-        status = listed["runs"][0]["status"]
+        # SIGTERM (kill, timeout, job schedulers) stops the run as Ctrl-C does, callers of this function included
+        with interruptible(), ChildProcesses():
+            return run_to_end(arguments, [], env, follower, timeout)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        stop_federation(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
-    result_path = Path(str(run_config["out-dir"])) / "result.json"
-    if status != "finished:completed":
-        raise SimulationError(f"run {run_id} ended with status {status}; see the log above")
-    if not result_path.is_file():
-        raise SimulationError(f"run {run_id} completed but wrote no {result_path}")
-    return read_result(result_path)
-
-
-def _check_resumable(run_config: Mapping) -> None:
-    """Refuse early, with one line, to resume a checkpoint written with other settings."""
-    try:
-        load_checkpoint(Path(str(run_config["out-dir"])), run_config)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _stream(run_id: str, env: Mapping[str, str], rounds: int, timeout: float, progress: bool) -> None:
-    """Follow the run's log until it ends, advancing a progress bar per round."""
-    bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress)
-    process = subprocess.Popen(
-        ["flwr", "log", run_id, "--stream"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        for line in process.stdout:
-            match = ROUND_LINE.search(line)
-            if match:
-                bar.update(int(match.group(1)) - bar.n)
-            if match or "ERROR" in line or "Traceback" in line:
-                bar.write(line.rstrip())
-            else:
-                log.debug(line.rstrip())
-            if time.monotonic() > deadline:
-                raise SimulationError(f"run {run_id} exceeded {timeout:.0f} s")
-    finally:
-        process.kill()
-        bar.close()

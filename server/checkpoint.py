@@ -255,10 +255,13 @@ def load(
         key: value for key, value in state.fingerprint.items() if key not in ignored and (key not in optional or value)
     }
     if stored != fingerprint:
-        changed = sorted(k for k in {*fingerprint, *stored} if stored.get(k) != fingerprint.get(k))
+        changed = sorted(k for k in {*fingerprint, *stored} if k in stored and stored[k] != fingerprint.get(k))
+        unrecorded = sorted(k for k in fingerprint if k not in stored)
+        reasons = [f"different settings ({', '.join(changed)})"] if changed else []
+        if unrecorded:
+            reasons.append(f"no record of {', '.join(unrecorded)} (an older Lumos wrote it)")
         raise ValueError(
-            f"{path} belongs to a run with different settings ({', '.join(changed)}); "
-            "use another out-dir or set resume=false"
+            f"{path} belongs to a run with {' and '.join(reasons)}; use another out-dir or set resume=false"
         )
     return state
 

@@ -16,18 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
+from lumosrec.augment.grounding import text_item_table
 from lumosrec.client.objectives import foreign_keys, later_keys, method_name, objective_for
 from lumosrec.core.data import run_data
-from lumosrec.core.dataset import catalog_size, sample_users
-from lumosrec.core.errors import ConfigError
+from lumosrec.core.dataset import catalog_name, catalog_sha256, catalog_size, catalog_titles, sample_users
+from lumosrec.core.errors import ConfigError, FederationError
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts
+from lumosrec.core.paths import cache_dir
 from lumosrec.core.results import RunDirectory, peak_rss_mb
-from lumosrec.core.runconfig import cohort_size, model_sizes
+from lumosrec.core.runconfig import check_values, cohort_size, model_sizes
 from lumosrec.core.training import EARLY_STOPPING_METRIC, seed_everything
 from lumosrec.models.factory import build_model
 from lumosrec.server import checkpoint, validation
@@ -36,6 +39,7 @@ from lumosrec.server.strategies import (
     cohort_refusal,
     privacy_spent,
     strategy_is_linear,
+    strategy_keys,
     sum_metric_records,
 )
 
@@ -45,13 +49,19 @@ log = logging.getLogger("lumos.server")
 #: Shared settings that must match for a checkpoint to be resumed (each objective adds its own).
 FINGERPRINT_KEYS = (
     "data",
+    "catalog",
     "strategy",
+    "aggregation-weights",
+    "dp-clipping-norm",
+    "dp-noise-multiplier",
     "seed",
     "max-len",
     "hidden-size",
     "num-layers",
     "num-heads",
     "inner-size",
+    "dropout",
+    "users-per-client",
     "fraction-train",
     "local-epochs",
     "learning-rate",
@@ -64,17 +74,26 @@ FINGERPRINT_KEYS = (
 )
 
 
+#: how the server initialises the item table (``item-init``)
+ITEM_INITS = ("random", "text")
+
+
 def fingerprint(run: Mapping) -> dict:
     """The run's settings that a checkpoint must have been written with to be resumed: the shared
-    ones and the run's objective's (its later knobs only when on)."""
+    ones, its strategy's and its objective's (their later knobs only when on), and a hash of the
+    data's contents (a path may name other data later: a checkpoint of other data must not resume)."""
     optional = later_keys()
     found = {
         key: run[key]
-        for key in (*FINGERPRINT_KEYS, *objective_for(run).fingerprint_keys)
+        for key in (*FINGERPRINT_KEYS, *strategy_keys(run), *objective_for(run).fingerprint_keys)
         if key in run and not (key in optional and not run[key])
     }
     if cohort_size(run):  # only when on: checkpoints from before cohorts existed still resume
         found["cohort-size"] = cohort_size(run)
+    if str(run.get("item-init", "random")) != "random":  # likewise
+        found["item-init"] = str(run["item-init"])
+    catalog = str(run["catalog"])
+    found["data-sha256"] = catalog_sha256(catalog) if catalog else run_data(run).content_sha256()
     return found
 
 
@@ -136,6 +155,42 @@ def _accept(reply: Message, stage: str, server_round: int, check: Callable[[Reco
         return None
 
 
+def wait_for_nodes(grid: Grid, needed: int, seconds: float, server_round: int) -> None:
+    """Return once ``needed`` nodes are connected; a FederationError after ``seconds`` without them
+    (Flower's strategies would wait for them forever)."""
+    deadline, said = time.monotonic() + seconds, False
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"round {server_round}: {connected} node(s) connected after waiting {seconds:g} s (node-wait) "
+                f"and min-nodes={needed}; the run stopped after round {server_round - 1} and resumes from its "
+                "checkpoint when started again with enough nodes"
+            )
+        if not said:
+            log.warning("round %d: %d node(s) connected, waiting for min-nodes=%d", server_round, connected, needed)
+            said = True
+        time.sleep(1.0)
+
+
+def _exchange(
+    grid: Grid, chunk: list[Message], run: Mapping, server_round: int, stage: str, exchange: Exchange
+) -> list[Message]:
+    """Send ``chunk`` and return the replies that arrived within ``round-timeout``; the others
+    count as failures of the round."""
+    received = list(grid.send_and_receive(chunk, timeout=float(run["round-timeout"])))
+    missing = len(chunk) - len(received)
+    if missing:
+        log.warning(
+            "round %d: %d node(s) sent no %s reply within round-timeout=%ss",
+            server_round,
+            missing,
+            stage,
+            run["round-timeout"],
+        )
+        exchange.failures += missing
+    return received
+
+
 def _train(
     grid: Grid,
     strategy: Strategy,
@@ -160,7 +215,7 @@ def _train(
     replies, exchange = [], Exchange(sampled=len(messages))
     for chunk in _chunks(messages, size):
         weighed = []
-        for reply in grid.send_and_receive(chunk, timeout=float(run["round-timeout"])):
+        for reply in _exchange(grid, chunk, run, server_round, "train", exchange):
             examples = _accept(reply, "train", server_round, lambda c: validation.check_train_reply(c, limits))
             if examples is None:
                 exchange.failures += 1
@@ -198,7 +253,7 @@ def _evaluate(
     summed, exchange = None, Exchange(sampled=len(messages))
     for chunk in _chunks(messages, int(run["aggregation-chunk"])):
         valid = []
-        for reply in grid.send_and_receive(chunk, timeout=float(run["round-timeout"])):
+        for reply in _exchange(grid, chunk, run, server_round, "evaluate", exchange):
             if _accept(reply, "evaluate", server_round, lambda c: validation.check_evaluate_reply(c, limits)):
                 valid.append(reply)
             else:
@@ -213,9 +268,12 @@ def _evaluate(
 def run_rounds(grid: Grid, context: Context) -> dict:
     """Run (or resume) the federation and return the ``result.json`` payload."""
     run = context.run_config
+    check_values(run)  # a bare `flwr run .` has had no launcher to check them
+    if str(run["item-init"]) not in ITEM_INITS:
+        raise ConfigError(f"run config item-init={run['item-init']!r}: choose one of {', '.join(ITEM_INITS)}")
     out = Path(str(run["out-dir"]))
     if str(run["catalog"]):
-        dataset_name, num_items = Path(str(run["catalog"])).name, catalog_size(str(run["catalog"]))
+        dataset_name, num_items = catalog_name(str(run["catalog"])), catalog_size(str(run["catalog"]))
     else:
         dataset = run_data(run)
         dataset_name, num_items = dataset.name, dataset.num_items
@@ -229,6 +287,8 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     state = load_checkpoint(out, run) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
     if state is None:
+        if str(run["item-init"]) == "text":
+            _init_items_from_text(model, run)
         state = checkpoint.RoundState(0, model.state_dict(), fingerprint=fingerprint(run))
         run_dir.write_config(
             {"method": method_name(run), "strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes}
@@ -252,6 +312,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         if cohort_size(run):
             users = round_users(run, server_round, run_data(run).num_users)
             config["train-users"] = users
+        wait_for_nodes(grid, int(run["min-nodes"]), float(run["node-wait"]), server_round)
         before = checkpoint.snapshot(strategy)  # a round that yields no new model leaves no trace
         aggregated, train_metrics, trained = _train(grid, strategy, server_round, arrays, run, config, limits)
         updated, skipped = _next_model(aggregated, trained, int(run["min-nodes"]), limits)
@@ -277,6 +338,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         eval_every = int(run["eval-every"])
         if eval_every > 0 and (server_round % eval_every == 0 or server_round == num_rounds):
             eval_started = time.perf_counter()
+            wait_for_nodes(grid, int(run["min-nodes"]), float(run["node-wait"]), server_round)
             summed, evaluated = _evaluate(grid, strategy, server_round, arrays, run, limits)
             row.update(eval_nodes=evaluated.sampled, eval_failures=evaluated.failures, eval_rejected=evaluated.rejected)
             if summed is None:
@@ -304,6 +366,21 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         checkpoint.save(out, state, strategy)
         run_dir.write_metrics()
     return _result(run, dataset_name, run_dir, privacy_spent(strategy))
+
+
+def _init_items_from_text(model: torch.nn.Module, run: Mapping) -> None:
+    """The item table from the catalog's public text (:func:`text_item_table`), built here, on the
+    server: no client's data is involved."""
+    catalog = str(run["catalog"])
+    titles = catalog_titles(catalog) if catalog else run_data(run).titles
+    if not any(titles[1:]):
+        raise ConfigError('item-init="text" needs item titles, and this catalog has none')
+    table = text_item_table(
+        titles, model.config.hidden_size, model.config.initializer_range, int(run["seed"]), cache_dir("embeddings")
+    )
+    with torch.no_grad():
+        model.item_embedding.weight.copy_(torch.from_numpy(table))
+    log.info("item table initialised from the text of %d titled items", sum(bool(t) for t in titles[1:]))
 
 
 def _next_model(
@@ -354,5 +431,14 @@ def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory, privacy: dic
 def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Flower's logger prints through its own handler (propagated, each line came twice), and httpx
+    # logs every request the app makes to the SuperLink (most lines of `flwr log`)
+    logging.getLogger("flwr").propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     result = run_rounds(grid, context)
-    log.info("finished: best round %d, results in %s", result["best_epoch"], context.run_config["out-dir"])
+    # a relative out-dir resolves against the SuperLink's working directory: say where it is
+    log.info(
+        "finished: best round %d, results in %s",
+        result["best_epoch"],
+        Path(str(context.run_config["out-dir"])).resolve(),
+    )

@@ -112,6 +112,25 @@ STRATEGIES: dict[str, Callable[[Mapping, int], Strategy]] = {
 }
 
 
+#: each strategy's own settings: they change the model, so a checkpoint records them
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "fedprox": ("proximal-mu",),
+    "fedavgm": ("server-learning-rate", "server-momentum"),
+    "fedadam": ("server-learning-rate",),
+    "fedyogi": ("server-learning-rate",),
+    "fedtrimmedavg": ("trimmed-beta",),
+    "krum": ("num-malicious-nodes",),
+    "multikrum": ("num-malicious-nodes", "krum-select"),
+    "bulyan": ("num-malicious-nodes",),
+}
+
+
+def strategy_keys(run_config: Mapping) -> tuple[str, ...]:
+    """The run-config keys of the run's strategy and weighting."""
+    capped = ("weight-cap",) if str(run_config.get("aggregation-weights")) == "capped" else ()
+    return STRATEGY_KEYS.get(str(run_config["strategy"]).lower(), ()) + capped
+
+
 #: strategies whose aggregation is a weighted average of the updates (plus a server step)
 LINEAR = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
 

@@ -21,9 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from lumosrec.core.errors import ConfigError
-from lumosrec.core.runconfig import format_run_config
 from lumosrec.core.synthetic import SyntheticConfig, generate
-from lumosrec.launch.app import APP_DIR, free_port
+from lumosrec.launch.app import APP_DIR, default_run_config, free_port
 from lumosrec.launch.cli import build_parser, main
 from lumosrec.launch.deployment import (
     FleetGateway,
@@ -36,6 +35,7 @@ from lumosrec.launch.deployment import (
     supernode_command,
     write_connection,
 )
+from lumosrec.launch.supervise import RunFollower
 
 COMPOSE = APP_DIR / "docker-compose.yml"
 #: the containers each folder of keys or secrets may be mounted into: its owners, nobody else
@@ -326,25 +326,25 @@ def test_loopback_deployment_runs_with_a_failing_node(deployment: tuple[Loopback
     the rounds complete, its failures are counted, and the metrics cover the healthy nodes."""
     running, root = deployment
     out = root / "run"
-    run_config = format_run_config(
-        {
-            "catalog": str(root / "data" / "catalog"),
-            "out-dir": str(out),
-            "num-server-rounds": 2,
-            "fraction-train": 1.0,
-            "min-nodes": 3,
-            "eval-every": 1,
-            "hidden-size": 16,
-            "inner-size": 32,
-            "round-timeout": 120.0,
-        }
-    )
-    status = running.run(APP_DIR, run_config, timeout=600)
-    log = (running.workdir / "run.log").read_text()
-    assert status == "finished:completed", log[-3000:]
-    result = json.loads((out / "result.json").read_text())
+    run_config = {
+        **default_run_config(),
+        "catalog": str(root / "data" / "catalog"),
+        "out-dir": str(out),
+        "num-server-rounds": 2,
+        "fraction-train": 1.0,
+        "min-nodes": 3,
+        "eval-every": 1,
+        "hidden-size": 16,
+        "inner-size": 32,
+        "round-timeout": 120.0,
+    }
+    result = running.run(APP_DIR, run_config, RunFollower(out, rounds=2, total_users=40, progress=False), timeout=600)
     history = json.loads((out / "metrics.json").read_text())
     assert [row["round"] for row in history] == [1, 2]
     assert all(row["train_failures"] == 1 and row["eval_failures"] == 1 for row in history)
     assert result["failures"] == 4
     assert all(row["eval_users"] == 40 for row in history)
+    # the run's log as a person reads it: no push-log requests, no second copy of Flower's lines
+    log = (running.workdir / "run.log").read_text()
+    assert "round 2: loss" in log and "HTTP Request" not in log
+    assert not any(line.startswith("INFO flwr: ") for line in log.splitlines())

@@ -28,7 +28,7 @@ from lumosrec.core.evaluation import PROTOCOLS, STAGES, evaluate, leave_one_out
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.launch.app import default_run_config
 from lumosrec.launch.simulate import simulate, stop_federation
-from lumosrec.server.server_app import metrics_from_histograms
+from lumosrec.server.server_app import fingerprint, metrics_from_histograms
 from lumosrec.server.strategies import sum_metric_records
 from lumosrec.server.validation import ReplyLimits, check_evaluate_reply, check_train_reply
 from tests.conftest import SMALL_FEDERATION
@@ -371,6 +371,26 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path, {"seed": 1}, ignored={"cl-weight"}) is not None
 
 
+def test_a_checkpoint_of_other_data_is_refused_even_at_the_same_path(data_dir: Path, tmp_path: Path) -> None:
+    from lumosrec.launch.inprocess import run_in_process
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data_dir, data)
+    run_in_process({**SMALL_FEDERATION, "data": str(data), "out-dir": str(out), "resume": True})
+    other = load_data(str(data_dir))
+    write_folder(replace(other, sequences=[s[::-1].copy() for s in other.sequences]), data)  # same path, new contents
+    load_data.cache_clear()
+    with pytest.raises(ValueError, match=r"different settings \(data-sha256\)"):
+        run_in_process({**SMALL_FEDERATION, "data": str(data), "out-dir": str(out), "resume": True})
+    # a deployment's server knows only the catalog: its contents count the same way
+    catalog = tmp_path / "catalog"
+    shutil.copytree(data_dir, catalog)
+    run = {**default_run_config(), "data": str(data_dir), "catalog": str(catalog)}
+    before = fingerprint(run)
+    (catalog / "items.csv").write_text((catalog / "items.csv").read_text().replace("A", "B", 1))
+    assert fingerprint(run)["data-sha256"] != before["data-sha256"]
+
+
 @pytest.mark.parametrize("num_users,partitions", [(60, 7), (10, 10), (22363, 22363), (5, 3)])
 def test_partitions_are_numpy_array_split_groups(num_users: int, partitions: int) -> None:
     from lumosrec.core.data import partition_users
@@ -428,3 +448,48 @@ def test_in_process_federation_keeps_node_state_and_counts_failures(data_dir: Pa
     )
     assert [reply.has_error() for reply in replies] == [False, True]
     assert grid._contexts[1].state.config_records["lumos-client"]["rounds-trained"] == 1
+
+
+def test_a_round_neither_waits_forever_for_nodes_nor_for_replies(data_dir: Path, tmp_path: Path) -> None:
+    from lumosrec.core.errors import FederationError
+    from lumosrec.launch.inprocess import InProcessGrid
+    from lumosrec.server.server_app import run_rounds
+
+    run = {**default_run_config(), **SMALL_FEDERATION, "data": str(data_dir), "out-dir": str(tmp_path / "a")}
+
+    class Silent(InProcessGrid):
+        """Node 1 never answers within the round's timeout."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return [self._deliver(m) for m in messages if m.metadata.dst_node_id != 1]
+
+    run_rounds(Silent(client_app, run, 3), Context(1, 0, {}, RecordDict(), run))
+    history = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert [(row["train_failures"], row["eval_failures"], row["skipped"]) for row in history] == [(1, 1, None)] * 2
+    assert history[-1]["eval_users"] == 40  # the 20 users of the silent node are not evaluated
+
+    run = {**run, "min-nodes": 3, "node-wait": 0.5, "out-dir": str(tmp_path / "b")}
+    started = time.monotonic()
+    with pytest.raises(FederationError, match=r"round 1: 2 node\(s\) connected after waiting 0.5 s \(node-wait\)"):
+        run_rounds(InProcessGrid(client_app, run, 2), Context(1, 0, {}, RecordDict(), run))
+    assert time.monotonic() - started < 30
+
+
+def test_the_server_can_start_the_item_table_from_the_catalogs_text(data_dir: Path, tmp_path: Path) -> None:
+    from lumosrec.launch.inprocess import run_in_process
+
+    dataset = load_data(str(data_dir))
+    settings = {**SMALL_FEDERATION, "data": str(data_dir), "num-server-rounds": 1, "eval-every": 0}
+    tables = {}
+    for init in ("random", "text"):
+        out = tmp_path / init
+        run_in_process({**settings, "out-dir": str(out), "item-init": init})
+        state = torch.load(out / "checkpoint.pt", weights_only=True)["state_dict"]
+        tables[init] = torch.nn.functional.normalize(state["item_embedding.weight"][1:], dim=1)
+    categories = np.array([c[0] for c in dataset.categories[1:]])
+    same = categories[:, None] == categories[None, :]
+    np.fill_diagonal(same, False)
+    for init, table in tables.items():
+        cosine = (table @ table.T).numpy()
+        gap = cosine[same].mean() - cosine[~same & ~np.eye(len(same), dtype=bool)].mean()
+        assert (gap > 0.2) == (init == "text"), (init, gap)  # items of a category start close, after a round too

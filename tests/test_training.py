@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lumosrec.core.dataset import load_dataset
+from lumosrec.core.errors import ConfigError
 from lumosrec.core.results import RESULT_KEYS, read_result
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.core.training import TrainConfig
@@ -166,3 +169,39 @@ def test_a_result_written_before_methods_had_their_name_is_reused(tmp_path: Path
     }
     # a finished run is reused by the method runner, whatever its age
     assert run_method("fedavg-sasrec", "synthetic", tmp_path, seed=1)["method"] == "fedavg-sasrec"
+
+
+def test_an_interrupted_training_resumes_where_it_stopped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lumosrec.core.evaluation import leave_one_out
+    from lumosrec.core.training import FIT_CHECKPOINT, fit, seed_everything
+    from lumosrec.models.factory import build_model
+
+    dataset = generate(SyntheticConfig(num_users=120, seed=7))
+    split = leave_one_out(dataset.sequences, dataset.num_items)
+    config = TrainConfig(epochs=3, batch_size=64, seed=3)
+
+    def trained(epochs: int, checkpoint: Path | None) -> tuple[list[dict], dict]:
+        # cl4srec: its augmentations draw from the model's own generator, which must resume too
+        seed_everything(3)  # as run_centralized does: dropout draws from torch's global stream
+        model = build_model("cl4srec", dataset.num_items, seed=3, hidden_size=16, inner_size=32)
+        rows: list[dict] = []
+        fitted = fit(model, split, replace(config, epochs=epochs), rows.append, False, checkpoint, {"data": "x"})
+        return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows], fitted.best_state
+
+    uninterrupted, model = trained(3, None)
+    trained(2, tmp_path / FIT_CHECKPOINT)  # stopped after epoch 2
+    resumed, resumed_model = trained(3, tmp_path / FIT_CHECKPOINT)
+    assert resumed == uninterrupted  # every epoch's loss and metrics, the restored ones included
+    assert all(torch.equal(model[key], resumed_model[key]) for key in model)
+
+    with pytest.raises(ConfigError, match=r"other settings \(learning_rate\)"):
+        fit(
+            build_model("cl4srec", dataset.num_items, seed=3, hidden_size=16, inner_size=32),
+            split,
+            replace(config, learning_rate=0.01),
+            progress=False,
+            checkpoint=tmp_path / FIT_CHECKPOINT,
+            fingerprint={"data": "x"},
+        )
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "r"), "--lr", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "lumos: error: learning_rate must be positive, not -1.0"

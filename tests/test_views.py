@@ -292,3 +292,21 @@ def test_one_generator_per_machine(tmp_path: Path) -> None:
     lock.release()
     holder.wait()
     assert waited > 1.5
+
+
+def test_a_damaged_cache_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
+    from lumosrec.augment.cache import View
+    from lumosrec.core.errors import DataError
+
+    path = tmp_path / CACHE_FILE
+    cache = ViewCache(path)
+    for user in range(2000):
+        cache.put("m", "v1", str(user), "h", {"future": View(items=[1, 2, 3], source="retrieval", text="x" * 200)})
+    cache.close()
+    (tmp_path / "views.sqlite-wal").unlink(missing_ok=True)
+    path.write_bytes(path.read_bytes()[: 8 * 4096])  # truncated, as by a full disk or a killed copy
+    with pytest.raises(DataError, match=r"views.sqlite is damaged \(.*\): delete it, and the next run makes the views"):
+        ViewCache(path).get("m", "v1", "1999", ["future"], "h")
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(DataError, match=r"views\.sqlite is damaged"):
+        ViewCache(path)
