@@ -641,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler: once is enough
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to a SuperLink
     try:
         return args.handler(args)
     except LumosError as error:
