@@ -166,7 +166,9 @@ def weighting(run: Mapping) -> str:
         raise ConfigError("aggregation-weights=capped needs weight-cap >= 1 (examples)")
     if float(run["dp-clipping-norm"]) > 0:
         if name == "capped":
-            raise ConfigError("DP runs weigh replies equally (the noise is calibrated for it): drop weight-cap")
+            raise ConfigError(
+                "DP runs weigh replies equally (the noise is calibrated for it): use aggregation-weights=equal"
+            )
         return "equal"
     if name != "examples" and cohort_size(run):
         # a cohort replies with its users' example-weighted mean: only example weights undo it exactly
