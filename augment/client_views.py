@@ -29,7 +29,7 @@ from lumosrec.augment.cache import CACHE_FILE, ViewCache
 from lumosrec.augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
 from lumosrec.augment.runtime import DEFAULT_MODEL, RuntimeConfig
 from lumosrec.augment.views import LLM_MODES, MODES, ViewConfig, ViewMaker
-from lumosrec.core.dataset import Dataset
+from lumosrec.core.dataset import Dataset, sample_users
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.paths import cache_dir
 
@@ -53,6 +53,10 @@ class ViewSettings:
     backend: str = "auto"
     items_per_view: int = 5
     encoder: str = DEFAULT_ENCODER
+    #: LLM modes only: a fixed random subset of this many users gets LLM views and every other
+    #: user text retrieval views (0: every user); the LLM's time on CPU grows with the users
+    llm_users: int = 0
+    llm_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in VIEW_SOURCES:
@@ -67,6 +71,8 @@ class ViewSettings:
             model=str(run_config["views-model"]),
             backend=str(run_config["views-backend"]),
             items_per_view=int(run_config["views-items"]),
+            llm_users=int(run_config.get("views-llm-users", 0)),
+            llm_seed=int(run_config.get("views-llm-seed", 0)),
         )
 
     def view_config(self) -> ViewConfig:
@@ -74,6 +80,17 @@ class ViewSettings:
         # views over the model are retrieval views in another item space
         mode = "retrieval" if self.mode == "model" else self.mode
         return ViewConfig(mode=mode, items_per_view=self.items_per_view)
+
+    def llm_subset(self, dataset: Dataset) -> np.ndarray | None:
+        """The dataset indices of the users whose views the LLM writes when that is not every
+        user (``views-llm-users``), else None: the same users for every run given the seed."""
+        if self.mode not in LLM_MODES or not dataset.has_text or not 0 < self.llm_users < dataset.num_users:
+            return None
+        return sample_users(dataset.num_users, self.llm_users, self.llm_seed)
+
+    def without_llm(self) -> ViewSettings:
+        """The settings of the users outside the LLM subset: text retrieval, no LLM."""
+        return replace(self, mode="retrieval", llm_users=0)
 
     def cache_path(self, dataset_name: str) -> Path:
         folder = Path(self.folder) if self.folder else cache_dir("views") / dataset_name
@@ -85,7 +102,10 @@ def views_source(dataset: Dataset, settings: ViewSettings) -> str:
     "model"``, and catalogs without text)."""
     if not dataset.has_text or settings.mode == "model":
         return SOURCE_MODEL_RETRIEVAL
-    return {"llm": SOURCE_LLM, "llm-rank": SOURCE_LLM_RANK}.get(settings.mode, SOURCE_TEXT_RETRIEVAL)
+    source = {"llm": SOURCE_LLM, "llm-rank": SOURCE_LLM_RANK}.get(settings.mode, SOURCE_TEXT_RETRIEVAL)
+    if settings.llm_subset(dataset) is not None:
+        return f"{source} ({settings.llm_users} users, seed {settings.llm_seed}), {SOURCE_TEXT_RETRIEVAL} (the others)"
+    return source
 
 
 #: (dataset identity, settings) -> (dataset, maker): one maker per process, as a Ray actor serves
@@ -124,6 +144,16 @@ def client_views(
     """``{view: item indices}`` for each of ``users`` (dataset indices) from their training
     ``histories``; ``item_embeddings`` (the received model's table) serve ``views = "model"`` and
     catalogs without text."""
+    subset = settings.llm_subset(dataset)
+    if subset is not None:
+        in_subset = np.isin(np.asarray(users, dtype=np.int64), subset)
+        views: dict[int, dict[str, list[int]]] = {}
+        for part, part_settings in ((in_subset, replace(settings, llm_users=0)), (~in_subset, settings.without_llm())):
+            chosen = np.flatnonzero(part)
+            if chosen.size:
+                made = client_views(dataset, [users[i] for i in chosen], [histories[i] for i in chosen], part_settings)
+                views.update(zip(chosen.tolist(), made))
+        return [views[i] for i in range(len(users))]
     keyed = {dataset.user_ids[user]: [int(i) for i in history] for user, history in zip(users, histories)}
     if dataset.has_text and settings.mode != "model":
         maker = _text_maker(dataset, settings)

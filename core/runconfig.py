@@ -121,6 +121,8 @@ VALUE_RANGES = {
             "max-reply-users",
             "lumos-contrastive-rows",
             "lumos-future-horizon",
+            "views-llm-users",
+            "views-llm-seed",
         ),
         "count",
     ),

@@ -1,16 +1,20 @@
-"""LUMOS's first results: main table, ablation table, learning curves, round-time ratio.
+"""LUMOS's results table: main rows, ablations, the LLM's own share, learning curves, round times.
 
-Runs every method (``lumosrec.launch.experiment.METHODS``) on every dataset for several seeds under
-one :class:`lumosrec.launch.experiment.Budget`, then writes ``report.md`` (tables and plots),
-``table_main.json`` and one PNG of test HR@20 per round per dataset into ``--out``. Runs are
-folders ``<out>/<dataset>/<method>/seed<k>``; finished ones are reused and interrupted
-federations resume, so the command can be stopped and started again.
+Every row is one method with run-config overrides (:data:`ROWS`, :data:`ABLATIONS`), run on
+all users of each dataset for several seeds under one :class:`lumosrec.launch.experiment.Budget`
+(the literature's, 67 rounds x 10 % x 3 local epochs: about 20 local visits per user). The
+command writes ``report.md`` (tables, plots, which rows are complete), ``table_main.json`` and one
+PNG of test HR@20 per round per dataset into ``--out``. Runs are folders
+``<out>/<dataset>/<row>/seed<k>``; finished ones are reused and interrupted ones resume, so the
+table is completed over as many invocations as it takes (``--rows`` picks rows).
 
-* ``ml-100k``: all users; ``amazon-beauty``: a fixed random subset of ``--beauty-users``
-  users (LLM time on CPU), the same for every method;
-* ``amazon-baby`` / ``amazon-cellphones``: no item text, so LUMOS's views are retrieval views
-  over the received global item embeddings (their rows say so), on ``--id-only-users`` users;
-* ablations (``--ablation-datasets``): LUMOS without each view, and with retrieval-only views.
+* Views (:data:`LUMOS_SETTINGS`): per dataset the view source and future-target horizon that
+  issue 17's validation sweep and view-quality report rank first; ``amazon-baby`` and
+  ``amazon-cellphones`` have no item text, so their views come from the received model.
+* The LLM (rows ``*-llm-*``): views by LLM ranking of catalog candidates; on the datasets of
+  :data:`LLM_SUBSET` for a fixed random subset of ``--llm-users`` users (``--llm-seed``) and text
+  retrieval for everyone else. Every run's saved model is then also scored on that subset alone,
+  so the LLM's own contribution shows against the same row with retrieval for everyone.
 
 ::
 
@@ -23,64 +27,152 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lumosrec.client.objectives import FEDERATED_METHODS
+from lumosrec.core.data import load_data
+from lumosrec.core.dataset import sample_users
+from lumosrec.core.errors import LumosError
 from lumosrec.core.results import read_result, write_json
 from lumosrec.core.runconfig import parse_run_config
-from lumosrec.launch.experiment import METHODS, Budget, run_method
-from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL, SAMPLED_FOR_LLM, cell, gain, run_folder, summarize
+from lumosrec.launch.experiment import Budget, run_method
+from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL, cell, gain, run_folder, saved_model_metrics, slug, summarize
 
-#: the main table's methods (issue 5); centralized-cl4srec and sracl are the SRA-CL table's
-MAIN_METHODS = ("centralized-sasrec", "local-sasrec", "fedavg-sasrec", "fed-cl4srec", "lumos")
-#: 20 rounds (6 epochs' worth of data passes) is what 2 CPU cores allow for 3 seeds of every method
-DEFAULT_BUDGET = Budget(rounds=20)
-#: folders under --data-root; Beauty is sampled for LLM time, the ID-only ones (no item text) for CPU time
+#: the literature's budget (``../shared/research/fedseqrec_anchors.md``): ~20 local visits per user
+DEFAULT_BUDGET = Budget(rounds=67)
 DATASETS = ("ml-100k", "amazon-beauty", "amazon-baby", "amazon-cellphones")
 ID_ONLY = ("amazon-baby", "amazon-cellphones")
-#: ablation label -> run-config overrides of ``lumos``
-ABLATIONS = {
-    "lumos w/o future": {"lumos-lambda-future": 0.0},
-    "lumos w/o paraphrase": {"lumos-lambda-paraphrase": 0.0},
-    "lumos w/o counterfactual": {"lumos-counterfactual": False},
-    "lumos retrieval-only views": {"views": "retrieval"},
+#: seeds per dataset (the first of ``--seeds``); datasets not named run every seed
+SEED_COUNTS = {"amazon-beauty": 2, "amazon-baby": 1, "amazon-cellphones": 1}
+#: rows with one seed whatever the dataset (a model per user: the floor, not the contest)
+ONE_SEED_ROWS = ("local-sasrec",)
+#: settings of every run on a dataset: users per simulated node (cohorts), evaluation cadence
+DATASET_SETTINGS: dict[str, dict[str, object]] = {
+    "ml-100k": {"cohort-size": 128, "eval-every": 5},
+    "amazon-beauty": {"cohort-size": 1400, "eval-every": 5},
+    "amazon-baby": {"cohort-size": 1400, "eval-every": 5},
+    "amazon-cellphones": {"cohort-size": 1400, "eval-every": 5},
+}
+#: LUMOS's view source and future-target horizon per dataset (issue 17: text neighbours on every
+#: prefix of Beauty's short histories; the received model's neighbours on the last 5 prefixes of
+#: ml-100k's long ones, where text knows less than popularity); other datasets: the defaults
+LUMOS_SETTINGS: dict[str, dict[str, object]] = {
+    "ml-100k": {"views": "model"},
+    "amazon-beauty": {"views": "retrieval", "lumos-future-horizon": 0},
+    "amazon-baby": {"views": "model", "lumos-future-horizon": 0},
+    "amazon-cellphones": {"views": "model", "lumos-future-horizon": 0},
+}
+#: the item table initialised from the catalog's text by the server; SGD at 0.1, not 0.5: the
+#: larger step erodes the text table (Beauty validation, docs/results/table_main)
+TEXT_INIT = {"item-init": "text", "learning-rate": 0.1}
+#: FedAdam's server step per table (Flower's tau 1e-3): 0.02 tuned on ml-100k (issue 16), 0.01 over a
+#: text-initialised table (Beauty validation; a larger step erodes it, docs/results/table_main)
+FEDADAM = {"strategy": "fedadam", "server-learning-rate": 0.02}
+FEDADAM_TEXT_INIT = {**TEXT_INIT, "strategy": "fedadam", "server-learning-rate": 0.01}
+#: the LLM source of the ``*-llm-*`` rows, and the datasets where it writes for a subset only
+LLM_VIEWS = {"views": "llm-rank"}
+LLM_SUBSET = ("amazon-beauty",)
+
+#: row label -> (method, run-config overrides); ``lumos`` rows add :data:`LUMOS_SETTINGS` first
+ROWS: dict[str, tuple[str, dict[str, object]]] = {
+    "centralized-sasrec": ("centralized-sasrec", {}),
+    "local-sasrec": ("local-sasrec", {}),
+    "fedavg-sasrec": ("fedavg-sasrec", {}),
+    "fedadam-sasrec": ("fedavg-sasrec", FEDADAM),
+    "fedavg-sasrec-text-init": ("fedavg-sasrec", TEXT_INIT),
+    "fedadam-sasrec-text-init": ("fedavg-sasrec", FEDADAM_TEXT_INIT),
+    "fed-cl4srec": ("fed-cl4srec", {}),
+    "lumos": ("lumos", {}),
+    "lumos-text-init": ("lumos", TEXT_INIT),
+    "lumos-fedadam-text-init": ("lumos", FEDADAM_TEXT_INIT),
+    "lumos-llm-text-init": ("lumos", {**TEXT_INIT, **LLM_VIEWS}),
+}
+#: the rows run on datasets without item text (no text init, no LLM)
+ID_ONLY_ROWS = ("fedavg-sasrec", "lumos")
+#: baselines each LUMOS row is compared against
+BASELINES = (
+    "centralized-sasrec",
+    "local-sasrec",
+    "fedavg-sasrec",
+    "fedadam-sasrec",
+    "fedavg-sasrec-text-init",
+    "fed-cl4srec",
+)
+#: the LUMOS row whose views the ablations take apart
+ABLATION_BASE = "lumos-text-init"
+#: every view's term on: the item-level ones (future targets, counterfactual unlikelihood) and
+#: the sequence-level InfoNCE (future and paraphrase views, counterfactual in the denominators)
+ALL_TERMS = {
+    "lumos-future-targets": 1.0,
+    "lumos-counterfactual-negatives": 1.0,
+    "lumos-lambda-future": 0.02,
+    "lumos-lambda-paraphrase": 0.02,
+    "lumos-counterfactual": True,
+}
+#: ablation label -> overrides of :data:`ALL_TERMS` on top of :data:`ABLATION_BASE`
+ABLATIONS: dict[str, dict[str, object]] = {
+    "all views, both levels": {},
+    "w/o future": {"lumos-future-targets": 0.0, "lumos-lambda-future": 0.0},
+    "w/o paraphrase": {"lumos-lambda-paraphrase": 0.0},
+    "w/o counterfactual": {"lumos-counterfactual": False, "lumos-counterfactual-negatives": 0.0},
+    "sequence-level only": {"lumos-future-targets": 0.0, "lumos-counterfactual-negatives": 0.0},
+    "item-level only": {"lumos-lambda-future": 0.0, "lumos-lambda-paraphrase": 0.0},
 }
 GAIN_METRICS = ("HR@20", "NDCG@20")
 
 
-def sample_of(dataset: str, args: argparse.Namespace) -> int:
-    if dataset in SAMPLED_FOR_LLM:
-        return args.beauty_users
-    return args.id_only_users if dataset in ID_ONLY else 0
+def federated(row: str) -> bool:
+    return row not in ROWS or ROWS[row][0] in FEDERATED_METHODS
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict, int]]:
-    """``(dataset, label, method, run-config overrides, seed)`` of every run, main table first."""
+def rows_of(dataset: str, asked: list[str]) -> list[str]:
+    return [row for row in asked if dataset not in ID_ONLY or row in ID_ONLY_ROWS]
+
+
+def seeds_of(dataset: str, row: str, args: argparse.Namespace) -> list[int]:
+    count = 1 if row in ONE_SEED_ROWS else SEED_COUNTS.get(dataset, len(args.seeds))
+    return args.seeds[:count]
+
+
+def overrides_of(dataset: str, row: str, args: argparse.Namespace) -> tuple[str, dict[str, object]]:
+    """The method and run config of ``row`` on ``dataset`` (beyond the budget and the seed)."""
+    if row in ROWS:
+        method, overrides = ROWS[row]
+    else:  # an ablation
+        method, base = ROWS[ABLATION_BASE]
+        overrides = {**base, **ALL_TERMS, **ABLATIONS[row]}
+    config = {**DATASET_SETTINGS.get(dataset, {}), **parse_run_config(args.run_config)}
+    if method == "lumos":
+        config.update(LUMOS_SETTINGS.get(dataset, {}))
+    config.update(overrides)
+    if config.get("views") in ("llm", "llm-rank") and dataset in LLM_SUBSET:
+        config.update({"views-llm-users": args.llm_users, "views-llm-seed": args.llm_seed})
+    if args.views_root:
+        config["views-dir"] = str(args.views_root / dataset)
+    return method, config
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """``(dataset, row, seed)`` of every run: main rows first, seed by seed, then the ablations."""
     runs = []
     for dataset in args.datasets:
-        for method in args.methods:
-            runs.extend((dataset, method, method, {}, seed) for seed in args.seeds)
+        rows = rows_of(dataset, args.rows)
+        for seed in args.seeds:
+            runs.extend((dataset, row, seed) for row in rows if seed in seeds_of(dataset, row, args))
     for dataset in args.ablation_datasets:
-        for label, overrides in ABLATIONS.items():
-            runs.extend((dataset, label, "lumos", overrides, seed) for seed in args.ablation_seeds)
+        runs.extend((dataset, row, seed) for row in args.ablations for seed in args.ablation_seeds)
     return runs
 
 
 def execute(args: argparse.Namespace, budget: Budget) -> None:
-    for dataset, label, method, overrides, seed in plan(args):
-        views_dir = args.views_root / dataset if args.views_root else ""
-        config = {
-            **parse_run_config(args.run_config),
-            "sample-users": sample_of(dataset, args),
-            "sample-seed": args.sample_seed,
-            "views-dir": str(views_dir),
-            **overrides,
-        }
-        print(f"== {dataset} / {label} / seed {seed}", flush=True)
+    for dataset, row, seed in plan(args):
+        method, config = overrides_of(dataset, row, args)
+        print(f"== {dataset} / {row} / seed {seed}", flush=True)
         run_method(
             method,
             str(args.data_root / dataset),
-            run_folder(args.out, dataset, label, seed),
+            run_folder(args.out, dataset, row, seed),
             seed,
             budget,
             config,
@@ -90,14 +182,15 @@ def execute(args: argparse.Namespace, budget: Budget) -> None:
 
 
 def load_runs(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
-    """``{dataset: {label: [run, ...]}}`` of finished runs, each with its result and metrics."""
+    """``{dataset: {row: [run, ...]}}`` of finished runs, each with its result and metrics."""
     found: dict[str, dict[str, list[dict]]] = {}
-    for dataset, label, _, _, seed in plan(args):
-        folder = run_folder(args.out, dataset, label, seed)
+    for dataset, row, seed in plan(args):
+        folder = run_folder(args.out, dataset, row, seed)
         if (folder / "result.json").is_file():
-            found.setdefault(dataset, {}).setdefault(label, []).append(
+            found.setdefault(dataset, {}).setdefault(row, []).append(
                 {
                     "seed": seed,
+                    "folder": folder,
                     "result": read_result(folder / "result.json"),
                     "metrics": json.loads((folder / "metrics.json").read_text()),
                 }
@@ -110,23 +203,28 @@ def views_label(runs: list[dict]) -> str:
     return ", ".join(sorted(sources))
 
 
-def main_table(found: dict, datasets: list[str], labels: list[str], args: argparse.Namespace) -> tuple[str, dict]:
+def table(found: dict, datasets: list[str], rows_for, args: argparse.Namespace, summaries=None) -> tuple[str, dict]:
+    """Mean ± std over seeds of each row with finished runs, and how many seeds of how many asked."""
     lines = [
-        "| dataset | method | seeds | " + " | ".join(MAIN_METRICS) + " | views |",
+        "| dataset | row | seeds | " + " | ".join(MAIN_METRICS) + " | views |",
         "|---|---|---|" + "---|" * len(MAIN_METRICS) + "---|",
     ]
     payload: dict = {}
     for dataset in datasets:
-        users = sample_of(dataset, args)
-        name = dataset if not users else f"{dataset} ({users} users, seed {args.sample_seed})"
-        for label in labels:
-            runs = found.get(dataset, {}).get(label)
+        for row in rows_for(dataset):
+            runs = found.get(dataset, {}).get(row)
             if not runs:
                 continue
-            summary = summarize(runs)
-            payload.setdefault(dataset, {})[label] = {"summary": summary, "views": views_label(runs)}
+            summary = (summaries or summarize)(runs)
+            asked = len(seeds_of(dataset, row, args)) if row in ROWS else len(args.ablation_seeds)
+            payload.setdefault(dataset, {})[row] = {
+                "summary": summary,
+                "views": views_label(runs),
+                "seeds": [run["seed"] for run in runs],
+                "complete": len(runs) >= asked,
+            }
             lines.append(
-                f"| {name} | {label} | {len(runs)} | "
+                f"| {dataset} | {row} | {len(runs)}/{asked} | "
                 + " | ".join(cell(summary[m]) for m in MAIN_METRICS)
                 + f" | {views_label(runs) or '-'} |"
             )
@@ -134,45 +232,66 @@ def main_table(found: dict, datasets: list[str], labels: list[str], args: argpar
 
 
 def gains_table(payload: dict) -> tuple[str, dict]:
+    """Each LUMOS row against each baseline row of its dataset."""
     lines = [
-        "| dataset | lumos vs | " + " | ".join(f"{m} gain" for m in GAIN_METRICS) + " |",
-        "|---|---|" + "---|" * len(GAIN_METRICS),
+        "| dataset | row | vs | " + " | ".join(f"{m} gain" for m in GAIN_METRICS) + " |",
+        "|---|---|---|" + "---|" * len(GAIN_METRICS),
     ]
     gains: dict = {}
     for dataset, rows in payload.items():
-        if "lumos" not in rows:
-            continue
-        for label, row in rows.items():
-            if label == "lumos":
-                continue
-            cells = {m: gain(rows["lumos"]["summary"][m], row["summary"][m]) for m in GAIN_METRICS}
-            gains.setdefault(dataset, {})[label] = cells
-            lines.append(
-                f"| {dataset} | {label} | "
-                + " | ".join(
-                    f"{c['relative']:+.1%}{'' if c['beyond_noise'] else ' (within noise)'}" for c in cells.values()
+        for row in (r for r in rows if r.startswith("lumos")):
+            for baseline in (b for b in (*BASELINES, *(r for r in rows if r.startswith("lumos"))) if b in rows):
+                if baseline == row:
+                    continue
+                cells = {m: gain(rows[row]["summary"][m], rows[baseline]["summary"][m]) for m in GAIN_METRICS}
+                gains.setdefault(dataset, {}).setdefault(row, {})[baseline] = cells
+                lines.append(
+                    f"| {dataset} | {row} | {baseline} | "
+                    + " | ".join(
+                        f"{c['relative']:+.1%}{'' if c['beyond_noise'] else ' (within noise)'}" for c in cells.values()
+                    )
+                    + " |"
                 )
-                + " |"
-            )
     return "\n".join(lines), gains
 
 
-def round_times(found: dict) -> dict[str, dict[str, float]]:
-    """Median training seconds per round of ``lumos`` and ``fedavg-sasrec``, and their ratio."""
-    times = {}
+def round_times(found: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Median training seconds per round of each federated row, and its ratio to ``fedavg-sasrec``."""
+    times: dict = {}
     for dataset, rows in found.items():
         medians = {
-            label: statistics.median(r["train_seconds"] for run in rows[label] for r in run["metrics"])
-            for label in ("lumos", "fedavg-sasrec")
-            if label in rows
+            row: statistics.median(r["train_seconds"] for run in runs for r in run["metrics"])
+            for row, runs in rows.items()
+            if federated(row)
         }
-        if len(medians) == 2:
-            times[dataset] = {**medians, "ratio": medians["lumos"] / medians["fedavg-sasrec"]}
+        base = medians.get("fedavg-sasrec")
+        for row, seconds in medians.items():
+            times.setdefault(dataset, {})[row] = {"seconds": seconds, "ratio": seconds / base if base else None}
     return times
 
 
+def subset_summaries(found: dict, args: argparse.Namespace) -> dict[str, dict[str, dict]]:
+    """Per dataset of :data:`LLM_SUBSET`: each row's test metrics on the LLM's users alone,
+    scored from every run's saved model (rows without one, local-only models, are left out)."""
+    out: dict = {}
+    for dataset in (d for d in found if d in LLM_SUBSET):
+        data = load_data(str(args.data_root / dataset))
+        users = sample_users(data.num_users, args.llm_users, args.llm_seed)
+        for row in rows_of(dataset, args.rows):
+            scored = []
+            runs = found[dataset].get(row, [])
+            for run in runs:
+                model = run["folder"] / "model.pt"
+                if row in ONE_SEED_ROWS or not model.is_file():
+                    continue
+                scored.append({**run, "result": {**run["result"], "test": saved_model_metrics(model, data, users)}})
+            if scored:
+                out.setdefault(dataset, {})[row] = scored
+    return out
+
+
 def plot_curves(found: dict, out: Path) -> list[Path]:
-    """One PNG per dataset: mean test HR@20 per round of each federated run; centralized and
+    """One PNG per dataset: mean test HR@20 per round of each federated row; centralized and
     local-only runs as horizontal lines at their final test HR@20."""
     import matplotlib
 
@@ -181,23 +300,23 @@ def plot_curves(found: dict, out: Path) -> list[Path]:
 
     paths = []
     for dataset, rows in found.items():
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for index, (label, runs) in enumerate(rows.items()):
+        figure, axis = plt.subplots(figsize=(8, 5))
+        for index, (row, runs) in enumerate(rows.items()):
             color = f"C{index % 10}"
             curves = [
                 [(r["round"], r["test"][PROTOCOL]["HR@20"]) for r in run["metrics"] if "test" in r and "round" in r]
                 for run in runs
             ]
-            if label in FEDERATED_METHODS or label.startswith("lumos"):
+            if federated(row):
                 rounds = sorted({point[0] for curve in curves for point in curve})
                 means = [statistics.fmean(v for curve in curves for rnd, v in curve if rnd == r) for r in rounds]
-                axis.plot(rounds, means, marker="o", markersize=3, label=label, color=color)
+                axis.plot(rounds, means, marker="o", markersize=3, label=row, color=color)
             else:
                 value = statistics.fmean(run["result"]["test"][PROTOCOL]["HR@20"] for run in runs)
-                axis.axhline(value, linestyle="--", linewidth=1, label=f"{label} (final)", color=color)
-        axis.set(xlabel="round", ylabel=f"test HR@20 ({PROTOCOL})", title=dataset)
+                axis.axhline(value, linestyle="--", linewidth=1, label=f"{row} (final)", color=color)
+        axis.set(xlabel="round", ylabel=f"test HR@20 ({PROTOCOL})", title=f"{dataset} (mean over seeds)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
         path = out / f"curve_{dataset}.png"
         figure.tight_layout()
         figure.savefig(path, dpi=120)
@@ -206,43 +325,75 @@ def plot_curves(found: dict, out: Path) -> list[Path]:
     return paths
 
 
+def missing_runs(args: argparse.Namespace) -> list[str]:
+    return [
+        f"{dataset} / {row} / seed {seed}"
+        for dataset, row, seed in plan(args)
+        if not (run_folder(args.out, dataset, row, seed) / "result.json").is_file()
+    ]
+
+
 def report(args: argparse.Namespace, budget: Budget) -> Path:
     found = load_runs(args)
-    main, payload = main_table(found, args.datasets, args.methods, args)
+    main, payload = table(found, args.datasets, lambda d: rows_of(d, args.rows), args)
     gains_text, gains = gains_table(payload)
-    ablation, ablation_payload = main_table(found, args.ablation_datasets, ["lumos", *ABLATIONS], args)
+    ablation, ablation_payload = table(found, args.ablation_datasets, lambda d: [ABLATION_BASE, *args.ablations], args)
+    subsets = subset_summaries(found, args)
+    subset_text, subset_payload = table(subsets, list(subsets), lambda d: list(subsets[d]), args)
+    subset_gains_text, subset_gains = gains_table(subset_payload)
     times = round_times(found)
     plots = plot_curves(found, args.out)
+    missing = missing_runs(args)
+    visits = budget.rounds * budget.fraction_train * budget.local_epochs
     lines = [
-        "# LUMOS: first results",
+        "# LUMOS: results table",
         "",
-        f"Budget: {budget.rounds} rounds, {budget.fraction_train:.0%} of the clients per round, "
-        f"{budget.local_epochs} local epochs (centralized and local-only: {budget.epochs} epochs); "
-        f"test metrics, {PROTOCOL} full ranking, mean ± std over seeds.",
+        f"Budget: {budget.rounds} rounds × {budget.fraction_train:.0%} of the users per round × "
+        f"{budget.local_epochs} local epochs ({visits:.1f} local epochs per user in expectation; "
+        f"centralized and local-only: {budget.epochs} epochs, early stopping on validation). All users "
+        f"of each dataset; test metrics ({PROTOCOL} full ranking) of the round or epoch with the best "
+        "validation MRR@10, mean ± std over seeds. 'seeds' says how many of the asked seeds are done.",
         "",
         "## Main table",
         "",
         main,
         "",
-        "## Relative gain of lumos",
+        "## Gains of the LUMOS rows",
         "",
-        "'within noise': the difference of the means is less than twice its standard error.",
+        "'within noise': the difference of the means is less than twice its standard error (one seed "
+        "on either side: never beyond noise).",
         "",
         gains_text,
         "",
-        "## Ablation",
+        f"## On the LLM's users ({args.llm_users} users of {', '.join(LLM_SUBSET)}, seed {args.llm_seed})",
+        "",
+        "The same runs' saved models, scored on the users whose views the LLM wrote in the `*-llm-*` rows.",
+        "",
+        subset_text,
+        "",
+        subset_gains_text,
+        "",
+        f"## Ablation (on `{ABLATION_BASE}`; every view's terms on, then each taken away)",
         "",
         ablation,
         "",
         "## Round time (training, median seconds per round)",
         "",
-        "| dataset | lumos | fedavg-sasrec | ratio |",
+        "| dataset | row | seconds | vs fedavg-sasrec |",
         "|---|---|---|---|",
-        *[f"| {d} | {t['lumos']:.1f} | {t['fedavg-sasrec']:.1f} | {t['ratio']:.2f} |" for d, t in times.items()],
+        *[
+            f"| {d} | {row} | {t['seconds']:.1f} | {_times(t['ratio'])} |"
+            for d, rows in times.items()
+            for row, t in rows.items()
+        ],
         "",
         "## Learning curves",
         "",
         *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
+        f"## Not yet run ({len(missing)})",
+        "",
+        *[f"- {run}" for run in missing],
         "",
     ]
     path = args.out / "report.md"
@@ -255,16 +406,37 @@ def report(args: argparse.Namespace, budget: Budget) -> Path:
                 "fraction_train": budget.fraction_train,
                 "local_epochs": budget.local_epochs,
                 "epochs": budget.epochs,
+                "local_epochs_per_user": visits,
             },
             "seeds": args.seeds,
+            "llm_subset": {"datasets": list(LLM_SUBSET), "users": args.llm_users, "seed": args.llm_seed},
             "main": payload,
             "gains": gains,
+            "llm_subset_main": subset_payload,
+            "llm_subset_gains": subset_gains,
             "ablation": ablation_payload,
             "round_times": times,
+            "missing": missing,
         },
     )
-    print("\n".join(lines[: -len(plots) - 1]))
+    print("\n".join(lines))
     return path
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}×"
+
+
+def _named(labels: Mapping[str, object]) -> Callable[[str], str]:
+    """An argparse type: a row by label or folder name."""
+    known = {slug(label): label for label in labels}
+
+    def parse(name: str) -> str:
+        if name in labels or name in known:
+            return known.get(name, name)
+        raise argparse.ArgumentTypeError(f"unknown row {name!r}; choose from {', '.join(known)}")
+
+    return parse
 
 
 def main() -> None:
@@ -272,16 +444,24 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("results/table_main"))
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS), help="folders under --data-root")
-    parser.add_argument("--methods", nargs="*", default=list(MAIN_METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
-    parser.add_argument("--ablation-datasets", nargs="*", default=["amazon-beauty"])
-    parser.add_argument("--ablation-seeds", nargs="*", type=int, default=[1, 2, 3])
+    parser.add_argument(
+        "--rows", nargs="*", type=_named(ROWS), default=list(ROWS), help="main-table rows to run and report"
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[2024, 2025, 2026],
+        help="seeds (Beauty: the first 2; Amazon ID-only: 1)",
+    )
+    parser.add_argument("--ablation-datasets", nargs="*", default=["ml-100k", "amazon-beauty"])
+    parser.add_argument("--ablations", nargs="*", type=_named(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument("--ablation-seeds", nargs="*", type=int, default=[2024])
     parser.add_argument("--rounds", type=int, default=DEFAULT_BUDGET.rounds)
     parser.add_argument("--fraction-train", type=float, default=DEFAULT_BUDGET.fraction_train)
     parser.add_argument("--local-epochs", type=int, default=DEFAULT_BUDGET.local_epochs)
-    parser.add_argument("--beauty-users", type=int, default=1000, help="fixed random subset of amazon-beauty")
-    parser.add_argument("--id-only-users", type=int, default=1000, help="subset of amazon-baby / amazon-cellphones")
-    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the user subsets")
+    parser.add_argument("--llm-users", type=int, default=1000, help=f"the LLM's users on {', '.join(LLM_SUBSET)}")
+    parser.add_argument("--llm-seed", type=int, default=0, help="seed of the LLM's users")
     parser.add_argument(
         "--views-root", type=Path, help="view caches as <root>/<dataset> (default: ~/.cache/lumos/views)"
     )
@@ -290,11 +470,17 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    absent = sorted({d for d in (*args.datasets, *args.ablation_datasets) if not (args.data_root / d).is_dir()})
+    if absent and not args.report_only:
+        parser.error(f"no dataset folder {', '.join(absent)} under {args.data_root} (--data-root, --datasets)")
     args.out.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.rounds, args.fraction_train, args.local_epochs)
-    if not args.report_only:
-        execute(args, budget)
-    print(f"\nwritten: {report(args, budget)}")
+    try:
+        if not args.report_only:
+            execute(args, budget)
+        print(f"\nwritten: {report(args, budget)}")
+    except LumosError as error:  # finished runs stay; the command resumes once the cause is fixed
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

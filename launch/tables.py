@@ -9,6 +9,13 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from lumosrec.core.dataset import Dataset
+from lumosrec.core.evaluation import evaluate, leave_one_out
+from lumosrec.models.factory import build_model
+
 #: the test metrics the tables show, under the default protocol
 MAIN_METRICS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
 PROTOCOL = "unmasked"
@@ -49,3 +56,18 @@ def gain(method: dict, baseline: dict) -> dict[str, float | bool]:
 def cell(summary: dict) -> str:
     """``mean ± std`` of one summary."""
     return f"{summary['mean']:.4f} ± {summary['std']:.4f}"
+
+
+def saved_model_metrics(model_file: Path, dataset: Dataset, users: np.ndarray) -> dict[str, dict[str, float]]:
+    """Test metrics, per protocol, of a run's saved SASRec-family model (``model.pt``) on
+    ``users`` of ``dataset`` alone (dataset indices): a table's rows compared on a user subset."""
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)
+    sizes = {key: value for key, value in saved["config"].items() if key != "num_items"}
+    model = build_model("sasrec", int(saved["config"]["num_items"]), **sizes)
+    # heads of other objectives (CL4SRec's, LUMOS's private one) are not part of scoring
+    missing = model.load_state_dict(saved["state_dict"], strict=False).missing_keys
+    if missing:
+        raise ValueError(f"{model_file} is not a SASRec-family model: it lacks {', '.join(missing)}")
+    model.eval()
+    split = leave_one_out([dataset.sequences[user] for user in users], dataset.num_items)
+    return evaluate(model, split, "test", model.config.max_len)

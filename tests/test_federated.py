@@ -137,6 +137,27 @@ def test_nothing_of_a_users_history_leaves_the_client_but_the_item_rows(
     assert _what_leaks(client_app, run_config, data_dir, tmp_path) == []
 
 
+def test_the_auc_of_the_leak_benchmark_is_the_pairwise_probability_with_ties_half() -> None:
+    from experiments.bench_privacy import auc
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=40).astype(float)  # many ties
+    members = rng.random(40) < 0.3
+    pairs = [(p > n) + 0.5 * (p == n) for p in scores[members] for n in scores[~members]]
+    assert auc(scores, members) == pytest.approx(np.mean(pairs))
+
+
+def test_a_servers_row_change_attack_finds_a_users_items_in_its_reply(run_config: dict) -> None:
+    from experiments.bench_privacy import attack
+
+    dataset = load_data(run_config["data"])
+    torch.manual_seed(0)
+    state = OBJECTIVES["sasrec"].build_model(run_config, dataset.num_items).state_dict()
+    rows = {row["attack"]: row for row in attack(run_config, "fresh", state, np.arange(4), round_size=2)}
+    assert rows["row-change"]["auc"] > 0.95 and rows["row-change"]["precision"] > 0.8
+    assert rows["row-change"]["precision"] > 3 * rows["row-change"]["random_precision"]
+
+
 def _leaking_client(where: str) -> ClientApp:
     """Lumos's ClientApp, plus a leak of the user's last training item, as a float."""
     app = ClientApp()

@@ -278,28 +278,60 @@ def test_llm_views_are_made_once_before_the_federation(run_config: dict, tiny_mo
 
 
 @pytest.mark.slow
-def test_every_method_runs_through_one_runner_into_one_report(data_dir: Path, tmp_path: Path) -> None:
+def test_only_the_fixed_llm_subset_gets_llm_views_and_the_others_text_retrieval(
+    run_config: dict, tiny_model_dir: Path
+) -> None:
+    run_config = {
+        **run_config,
+        "views": "llm",
+        "views-model": str(tiny_model_dir),
+        "views-backend": "transformers",
+        "sample-users": 12,
+        "views-llm-users": 3,
+        "views-llm-seed": 5,
+    }
+    report = OBJECTIVES["lumos"].prepare_ahead(run_config, progress=False)
+    assert report["users"] == 3 and report["stats"]["made"] == 3  # the LLM wrote for the subset only
+    data = node_data(run_config, {"partition-id": 0, "num-partitions": 1})
+    settings = ViewSettings.from_config(run_config, {})
+    subset = settings.llm_subset(data.dataset)
+    users = data.users.tolist()
+    views = client_views(data.dataset, users, data.split.train, settings)
+    retrieval = client_views(data.dataset, users, data.split.train, settings.without_llm())
+    outside = [i for i, user in enumerate(users) if user not in subset]
+    assert len(outside) == 9 and [views[i] for i in outside] == [retrieval[i] for i in outside]
+    loaded = [maker.generator._generator for _, maker in client_views_module._MAKERS.values() if maker.generator]
+    assert loaded and all(generator is None for generator in loaded)  # the subset's LLM views were cached
+    assert "(3 users, seed 5)" in objective_for(run_config).result_details(run_config)["views"]
+
+
+@pytest.mark.slow
+def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # named as the dataset whose LLM views cover a fixed subset of users
+    data = write_folder(generate(SyntheticConfig(**SMALL)), tmp_path / "data" / "amazon-beauty")
     out = tmp_path / "table"
+    rows = ["centralized-sasrec", "local-sasrec", "fedavg-sasrec", "fedavg-sasrec-text-init", "lumos"]
+    rows += ["lumos-text-init", "lumos-llm-text-init"]
     command = [
         sys.executable,
         str(ROOT / "experiments" / "table_main.py"),
         "--data-root",
-        str(data_dir.parent),
+        str(data.parent),
         "--out",
         str(out),
         "--datasets",
-        data_dir.name,
-        "--methods",
-        "centralized-sasrec",
-        "local-sasrec",
-        "fedavg-sasrec",
-        "fed-cl4srec",
-        "lumos",
+        data.name,
+        "--rows",
+        *rows,
         "--seeds",
         "1",
         "2",
+        "3",
         "--ablation-datasets",
-        data_dir.name,
+        data.name,
+        "--ablations",
+        "w/o future",
+        "item-level-only",
         "--ablation-seeds",
         "1",
         "--rounds",
@@ -308,43 +340,72 @@ def test_every_method_runs_through_one_runner_into_one_report(data_dir: Path, tm
         "0.5",
         "--local-epochs",
         "1",
+        "--llm-users",
+        "8",
         "--views-root",
         str(tmp_path / "views"),
         "--quiet",
         "--run-config",
-        'users-per-client=6 hidden-size=16 inner-size=32 views="retrieval" eval-every=1',
+        f'cohort-size=0 users-per-client=6 hidden-size=16 inner-size=32 eval-every=1 views-model="{tiny_model_dir}"'
+        ' views-backend="transformers"',
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "table_main.json").read_text())
-    rows = summary["main"][data_dir.name]
-    assert set(rows) == {"centralized-sasrec", "local-sasrec", "fedavg-sasrec", "fed-cl4srec", "lumos"}
-    assert all(row["summary"]["HR@20"]["n"] == 2 for row in rows.values())
-    assert rows["lumos"]["views"] == "retrieval:text"
-    assert set(summary["gains"][data_dir.name]) == set(rows) - {"lumos"}
-    assert len(summary["ablation"][data_dir.name]) == 5
-    times = summary["round_times"][data_dir.name]
+    main = summary["main"][data.name]
+    assert list(main) == rows
+    # Beauty's seed count (2 of the 3 asked), one seed for the per-user models
+    assert {row: entry["seeds"] for row, entry in main.items()} == {
+        row: [1] if row == "local-sasrec" else [1, 2] for row in rows
+    }
+    assert all(entry["complete"] for entry in main.values())
+    assert main["lumos"]["views"] == "retrieval:text"
+    assert main["lumos-llm-text-init"]["views"] == "llm-rank (8 users, seed 0), retrieval:text (the others)"
+    config = json.loads((out / data.name / "lumos-text-init" / "seed1" / "config.json").read_text())["run_config"]
+    assert (config["item-init"], config["learning-rate"], config["lumos-future-horizon"]) == ("text", 0.1, 0)
+    gains = summary["gains"][data.name]
+    assert set(gains["lumos-text-init"]) == set(rows) - {"lumos-text-init"}
+    # the subset table scores every saved model on the LLM's 8 users: a result of its own
+    subset = summary["llm_subset_main"][data.name]
+    assert set(subset) == set(rows) - {"local-sasrec"}
+    assert subset["fedavg-sasrec"]["summary"]["HR@20"] != main["fedavg-sasrec"]["summary"]["HR@20"]
+    ablations = summary["ablation"][data.name]
+    assert list(ablations) == ["lumos-text-init", "w/o future", "item-level only"]
+    ablated = json.loads((out / data.name / "wo-future" / "seed1" / "config.json").read_text())["run_config"]
+    assert (ablated["lumos-future-targets"], ablated["lumos-lambda-future"], ablated["lumos-lambda-paraphrase"]) == (
+        0.0,
+        0.0,
+        0.02,
+    )
+    times = summary["round_times"][data.name]
     lumos_rounds = [
         row["train_seconds"]
         for seed in (1, 2)
-        for row in json.loads((out / data_dir.name / "lumos" / f"seed{seed}" / "metrics.json").read_text())
+        for row in json.loads((out / data.name / "lumos" / f"seed{seed}" / "metrics.json").read_text())
     ]
-    assert times["lumos"] == pytest.approx(statistics.median(lumos_rounds))
-    assert times["ratio"] == pytest.approx(times["lumos"] / times["fedavg-sasrec"])
-    assert (out / f"curve_{data_dir.name}.png").stat().st_size > 1000
+    assert times["lumos"]["seconds"] == pytest.approx(statistics.median(lumos_rounds))
+    assert times["lumos"]["ratio"] == pytest.approx(times["lumos"]["seconds"] / times["fedavg-sasrec"]["seconds"])
+    assert "centralized-sasrec" not in times
+    assert (out / f"curve_{data.name}.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "| lumos w/o counterfactual |" in report and f"curve_{data_dir.name}.png" in report
-    lumos_result = out / data_dir.name / "lumos" / "seed1" / "result.json"
+    assert "| amazon-beauty | w/o future | 1/1 |" in report and f"curve_{data.name}.png" in report
+    assert summary["missing"] == [] and "## Not yet run (0)" in report
+    lumos_result = out / data.name / "lumos" / "seed1" / "result.json"
     written = lumos_result.stat().st_mtime_ns
     again = subprocess.run(
-        [*command[: command.index("--seeds")], "--seeds", "1", "--ablation-datasets", "--quiet"],
+        [
+            *command[: command.index("--rows")],
+            *("--rows", "lumos", "fed-cl4srec", "--seeds", "1", "--ablation-datasets"),
+            *command[command.index("--rounds") :],
+        ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         cwd=ROOT,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert lumos_result.stat().st_mtime_ns == written  # finished runs are reused, not rerun
+    assert json.loads((out / "table_main.json").read_text())["main"][data.name]["fed-cl4srec"]["seeds"] == [1]
 
 
 @pytest.mark.slow

@@ -46,7 +46,15 @@ class LUMOSObjective(Objective):
         "lumos-counterfactual-negatives": "counterfactual_negative_weight",
         "lumos-paraphrase-substitution": "paraphrase_substitution",
     }
-    setting_keys = ("views", "views-dir", "views-model", "views-backend", "views-items")
+    setting_keys = (
+        "views",
+        "views-dir",
+        "views-model",
+        "views-backend",
+        "views-items",
+        "views-llm-users",
+        "views-llm-seed",
+    )
     choices = {"views": VIEW_SOURCES}
     neutral_keys = ("views-dir", "views-backend")
     later_keys = (
@@ -54,6 +62,8 @@ class LUMOSObjective(Objective):
         "lumos-future-horizon",
         "lumos-counterfactual-negatives",
         "lumos-paraphrase-substitution",
+        "views-llm-users",
+        "views-llm-seed",
     )
 
     def method_name(self, strategy: str) -> str:
@@ -91,19 +101,31 @@ class LUMOSObjective(Objective):
     def prepare_ahead(self, run_config: Mapping, progress: bool = True) -> dict | None:
         """Every user's views, made in the launching process so that clients only read their
         cache; None for views over the received model (``views = "model"``, catalogs without
-        text): they follow the model, so clients remake them every round."""
+        text): they follow the model, so clients remake them every round. With an LLM subset
+        (``views-llm-users``) the others' retrieval views first, then the LLM's users: the
+        report (returned and in the cache folder) is the LLM's."""
         dataset = run_data(run_config)
         settings = ViewSettings.from_config(run_config, {})
         if views_source(dataset, settings) == SOURCE_MODEL_RETRIEVAL:
             return None
-        return generate_views(
-            dataset,
-            settings.cache_path(dataset.name).parent,
-            settings.view_config(),
-            RuntimeConfig(model=settings.model, backend=settings.backend),
-            encoder_name=settings.encoder,
-            progress=progress,
-        )
+        subset = settings.llm_subset(dataset)
+        parts = [(settings, None)]
+        if subset is not None:
+            others = np.setdiff1d(np.arange(dataset.num_users), subset)
+            parts = [(settings.without_llm(), others.tolist()), (settings, subset.tolist())]
+        reports = [
+            generate_views(
+                dataset,
+                settings.cache_path(dataset.name).parent,
+                part.view_config(),
+                RuntimeConfig(model=part.model, backend=part.backend),
+                users=users,
+                encoder_name=part.encoder,
+                progress=progress,
+            )
+            for part, users in parts
+        ]
+        return reports[-1]
 
 
 def node_views(model: LUMOS, node: NodeData, context: Context) -> UserViews:
