@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from lumosrec.client.cohort import CohortUpdate, train_batched, use_batched
 from lumosrec.client.objectives import OBJECTIVES, Objective, objective_for
+from lumosrec.client.privacy import local_dp_mod
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import NodeData, node_data
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, rank_counts
@@ -28,7 +29,7 @@ from lumosrec.core.runconfig import MODEL_KEYS, cohort_size
 from lumosrec.core.training import pick_device, train_epochs
 from lumosrec.models.sasrec import SASRec
 
-app = ClientApp()
+app = ClientApp(mods=[local_dp_mod])
 
 STATE_KEY = "lumos-client"
 #: the local optimizers a client can use (``client-optimizer``)

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 
 from lumosrec.augment.grounding import text_item_table
 from lumosrec.client.objectives import foreign_keys, later_keys, method_name, objective_for
+from lumosrec.client.privacy import local_dp_on, local_dp_spent
 from lumosrec.core.data import run_data
 from lumosrec.core.dataset import catalog_name, catalog_sha256, catalog_size, catalog_titles, sample_users
 from lumosrec.core.errors import ConfigError, FederationError
@@ -74,6 +75,8 @@ FINGERPRINT_KEYS = (
 )
 
 
+#: the client-side DP settings (``client/privacy.py``), in the fingerprint when on
+LOCAL_DP_KEYS = ("local-dp-epsilon", "local-dp-clipping-norm", "local-dp-delta")
 #: how the server initialises the item table (``item-init``)
 ITEM_INITS = ("random", "text")
 
@@ -92,6 +95,8 @@ def fingerprint(run: Mapping) -> dict:
         found["cohort-size"] = cohort_size(run)
     if str(run.get("item-init", "random")) != "random":  # likewise
         found["item-init"] = str(run["item-init"])
+    if local_dp_on(run):  # likewise
+        found.update({key: run[key] for key in LOCAL_DP_KEYS})
     catalog = str(run["catalog"])
     found["data-sha256"] = catalog_sha256(catalog) if catalog else run_data(run).content_sha256()
     return found
@@ -423,6 +428,7 @@ def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory, privacy: dic
         "failures": sum(r["train_failures"] + r.get("eval_failures", 0) for r in run_dir.history),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in run_dir.history),
         **({"dp": privacy} if privacy is not None else {}),
+        **({"local_dp": local_dp_spent(run, len(run_dir.history))} if local_dp_on(run) else {}),
     }
     return run_dir.write_result(result)
 
