@@ -362,7 +362,15 @@ def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_
     assert main["lumos"]["views"] == "retrieval:text"
     assert main["lumos-llm-text-init"]["views"] == "llm-rank (8 users, seed 0), retrieval:text (the others)"
     config = json.loads((out / data.name / "lumos-text-init" / "seed1" / "config.json").read_text())["run_config"]
-    assert (config["item-init"], config["learning-rate"], config["lumos-future-horizon"]) == ("text", 0.1, 0)
+    assert (config["item-init"], config["learning-rate"], config["views"]) == ("text", 0.1, "retrieval")
+    # Beauty's every-prefix targets (lumos) give way to the last 5 prefixes over a text table
+    assert config["lumos-future-horizon"] == 5
+    assert (
+        json.loads((out / data.name / "lumos" / "seed1" / "config.json").read_text())["run_config"][
+            "lumos-future-horizon"
+        ]
+        == 0
+    )
     gains = summary["gains"][data.name]
     assert set(gains["lumos-text-init"]) == set(rows) - {"lumos-text-init"}
     # the subset table scores every saved model on the LLM's 8 users: a result of its own
