@@ -41,8 +41,8 @@ def main() -> None:
     runs = {}
     for entry in args.run:
         name, _, folder = entry.partition("=")
-        if not folder or not (Path(folder) / "metrics.json").is_file():
-            parser.error(f"--run {entry!r}: expected NAME=FOLDER with a metrics.json")
+        if not folder or not all((Path(folder) / f).is_file() for f in ("config.json", "metrics.json")):
+            parser.error(f"--run {entry!r}: expected NAME=FOLDER, a run folder with config.json and metrics.json")
         runs[name] = load(Path(folder))
     keys = sorted({key for run in runs.values() for key in run["run_config"]})
     differing = [

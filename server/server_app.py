@@ -291,16 +291,17 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     strategy = build_strategy(run, num_nodes)
     state = load_checkpoint(out, run) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
+    asked = {"method": method_name(run), "strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes}
     if state is None:
         if str(run["item-init"]) == "text":
             _init_items_from_text(model, run)
         state = checkpoint.RoundState(0, model.state_dict(), fingerprint=fingerprint(run))
-        run_dir.write_config(
-            {"method": method_name(run), "strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes}
-        )
     else:
         checkpoint.restore_strategy(strategy, state)
         log.info("resuming from %s after round %d", out / checkpoint.CHECKPOINT_FILE, state.completed_rounds)
+        # what this invocation asked (a resumed run may go on for more rounds than the first)
+        asked["resumed_after_round"] = state.completed_rounds
+    run_dir.write_config(asked)
     run_dir.history = state.history
     arrays = ArrayRecord(state.state_dict)
     limits = validation.ReplyLimits.for_run(run, arrays, num_nodes)

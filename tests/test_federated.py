@@ -392,6 +392,20 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path, {"seed": 1}, ignored={"cl-weight"}) is not None
 
 
+def test_a_run_resumed_for_more_rounds_records_what_was_asked(data_dir: Path, tmp_path: Path) -> None:
+    from lumosrec.launch.inprocess import run_in_process
+
+    out = tmp_path / "run"
+    run_in_process({**SMALL_FEDERATION, "data": str(data_dir), "out-dir": str(out), "resume": True})
+    (out / "result.json").unlink()  # asked again, for more rounds
+    result = run_in_process(
+        {**SMALL_FEDERATION, "num-server-rounds": 3, "data": str(data_dir), "out-dir": str(out), "resume": True}
+    )
+    assert result["epochs"] == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["run_config"]["num-server-rounds"] == 3 and config["resumed_after_round"] == 2
+
+
 def test_a_checkpoint_of_other_data_is_refused_even_at_the_same_path(data_dir: Path, tmp_path: Path) -> None:
     from lumosrec.launch.inprocess import run_in_process
 
