@@ -40,9 +40,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from lumosrec.client.client_app import app as client_app
 from lumosrec.client.objectives import OBJECTIVES
 from lumosrec.client.privacy import local_dp_on
-from lumosrec.core.data import load_data
+from lumosrec.core.data import load_data, node_data
 from lumosrec.core.dataset import sample_users
-from lumosrec.core.evaluation import leave_one_out
 from lumosrec.core.results import environment, write_json
 from lumosrec.launch.app import default_run_config
 
@@ -53,16 +52,9 @@ HISTOGRAM_BINS = 50
 def auc(scores: np.ndarray, members: np.ndarray) -> float:
     """The probability that a member scores above a non-member (ties count half): Mann-Whitney."""
     ranks = np.empty(len(scores))
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    # average ranks of ties
-    start = 0
-    while start < len(scores):
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    _, tie, count = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(tie, weights=ranks) / count)[tie]  # tied scores share their mean rank
     positives, negatives = int(members.sum()), int((~members).sum())
     return float((ranks[members].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
@@ -119,17 +111,17 @@ def attack(
 ) -> list[dict]:
     """Every attack's row for one dataset (``run_config["data"]``), one global model and the
     defences ``run_config`` turns on."""
-    dataset = load_data(str(run_config["data"]))
-    split = leave_one_out(dataset.sequences, dataset.num_items)
+    everyone = node_data(run_config, {"partition-id": 0, "num-partitions": 1})  # cached, as the clients' own
+    dataset, split = everyone.dataset, everyone.split
+    items = {user: np.unique(split.train[user]) for user in users.tolist()}
     sent = state["item_embedding.weight"]
     per_attack: dict[str, list[dict[str, float]]] = {"row-change": [], "row-change-least": [], "round-sum": []}
     exposed = {"valid": 0, "test": 0}
     changes, started = [], time.perf_counter()
     for user in users.tolist():
         change = row_changes(sent, client_reply("train", state, run_config, user, dataset.num_users))
-        items = np.unique(split.train[user])
-        per_attack["row-change"].append(leak_scores(change, items, dataset.num_items))
-        per_attack["row-change-least"].append(leak_scores(-change, items, dataset.num_items))
+        per_attack["row-change"].append(leak_scores(change, items[user], dataset.num_items))
+        per_attack["row-change-least"].append(leak_scores(-change, items[user], dataset.num_items))
         changes.append(change)
         for stage, pinned in exposed_ranks(
             client_reply("evaluate", state, run_config, user, dataset.num_users)
@@ -139,7 +131,7 @@ def attack(
     for start in range(0, len(changes), round_size):
         summed = np.sum(changes[start : start + round_size], axis=0)
         for user in users[start : start + round_size].tolist():
-            per_attack["round-sum"].append(leak_scores(summed, np.unique(split.train[user]), dataset.num_items))
+            per_attack["round-sum"].append(leak_scores(summed, items[user], dataset.num_items))
     seconds = time.perf_counter() - started
     rows = [
         {
@@ -151,7 +143,7 @@ def attack(
             "precision": statistics.fmean(s["precision"] for s in scores),
             "recall": statistics.fmean(s["precision"] for s in scores),  # at the user's item count
             "auc": statistics.fmean(s["auc"] for s in scores),
-            "random_precision": statistics.fmean(len(np.unique(split.train[u])) / dataset.num_items for u in users),
+            "random_precision": statistics.fmean(len(held) / dataset.num_items for held in items.values()),
             "round_size": round_size if name == "round-sum" else 1,
         }
         for name, scores in per_attack.items()

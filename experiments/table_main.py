@@ -30,6 +30,7 @@ import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from lumosrec.augment.views import LLM_MODES
 from lumosrec.client.objectives import FEDERATED_METHODS
 from lumosrec.core.data import load_data
 from lumosrec.core.dataset import sample_users
@@ -150,7 +151,7 @@ def overrides_of(dataset: str, row: str, args: argparse.Namespace) -> tuple[str,
     if method == "lumos":
         config.update(LUMOS_SETTINGS.get(dataset, {}))
     config.update(overrides)
-    if config.get("views") in ("llm", "llm-rank") and dataset in LLM_SUBSET:
+    if config.get("views") in LLM_MODES and dataset in LLM_SUBSET:
         config.update({"views-llm-users": args.llm_users, "views-llm-seed": args.llm_seed})
     if args.views_root:
         config["views-dir"] = str(args.views_root / dataset)

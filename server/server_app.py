@@ -106,6 +106,8 @@ def load_checkpoint(out: Path, run: Mapping) -> checkpoint.RoundState | None:
     """The checkpoint in ``out`` if it was written by a run with ``run``'s settings (a ValueError
     naming the settings that differ otherwise); checkpoints written before a knob existed, or
     when fingerprints held every objective's keys, still resume."""
+    if not (out / checkpoint.CHECKPOINT_FILE).is_file():  # a fresh start: no need to hash the data here
+        return None
     return checkpoint.load(out, fingerprint(run), later_keys(), foreign_keys(run))
 
 

@@ -76,3 +76,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def task_identity() -> None:
+    """Messages can only be built inside a Flower process; these identify a fake one (modules that
+    build ClientApp messages use it with ``pytestmark = pytest.mark.usefixtures("task_identity")``)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

@@ -19,7 +19,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from lumosrec.client.client_app import app as client_app
 from lumosrec.client.objectives import OBJECTIVES
@@ -33,6 +32,8 @@ from lumosrec.server.strategies import sum_metric_records
 from lumosrec.server.validation import ReplyLimits, check_evaluate_reply, check_train_reply
 from tests.conftest import SMALL_FEDERATION
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 SMALL = dict(num_users=60, items_per_category=10, seed=5)
 
 
@@ -44,12 +45,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run_config(data_dir: Path) -> dict:
     return {**default_run_config(), "data": str(data_dir), "hidden-size": 16, "inner-size": 32}
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    # Messages can only be built inside a Flower process; these identify a fake one.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _call(

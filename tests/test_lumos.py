@@ -15,7 +15,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from lumosrec.augment import client_views as client_views_module
 from lumosrec.augment.client_views import ViewSettings, client_views
@@ -28,6 +27,8 @@ from lumosrec.launch.app import default_run_config
 from lumosrec.launch.simulate import simulate
 from lumosrec.models.lumos import LUMOS, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 SMALL = dict(num_users=60, items_per_category=10, seed=5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +50,6 @@ def run_config(data_dir: Path, tmp_path: Path) -> dict:
         "views": "retrieval",
         "views-dir": str(tmp_path / "views"),
     }
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _model(**overrides) -> LUMOS:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from lumosrec.client.client_app import app as client_app
 from lumosrec.client.objectives import FEDERATED_METHODS, OBJECTIVES, method_name
@@ -21,6 +20,8 @@ from lumosrec.models.factory import MODELS
 from lumosrec.models.sasrec import SASRec
 from lumosrec.server.server_app import fingerprint
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -28,11 +29,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         generate(SyntheticConfig(num_users=20, items_per_category=6, seed=3)),
         tmp_path_factory.mktemp("objectives") / "data",
     )
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 
 from experiments.bench_privacy import attack, client_reply
 from lumosrec.client.objectives import OBJECTIVES
@@ -20,6 +19,8 @@ from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.launch.inprocess import run_in_process
 from tests.conftest import SMALL_FEDERATION
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 LOCAL_DP = {"local-dp-epsilon": 1.0, "local-dp-clipping-norm": 0.5, "local-dp-delta": 1e-5}
 
@@ -34,11 +35,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run_config(data_dir: Path) -> dict:
     return {**default_run_config(), "data": str(data_dir), "hidden-size": 16, "inner-size": 32}
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _model_state(run_config: dict) -> dict[str, torch.Tensor]:
