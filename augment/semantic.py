@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lumosrec.augment.backends import LazyGenerator
 from lumosrec.augment.cache import TextCache
@@ -44,6 +43,7 @@ from lumosrec.core.dataset import Dataset
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import LeaveOneOut
 from lumosrec.core.paths import cache_dir
+from lumosrec.core.progress import progress_bar
 from lumosrec.core.results import environment, peak_rss_mb, write_json
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def generate_texts(
     texts = cache.get(model_key, PROMPT_VERSION, kind, list(digests), list(digests.values()))
     pending = [key for key in prompts if key not in texts]
     stats = TextStats(texts=len(prompts), from_cache=len(texts))
-    bar = tqdm(total=len(pending), desc=f"{kind} texts", unit=kind, disable=not progress or not pending)
+    bar = progress_bar(total=len(pending), desc=f"{kind} texts", unit=kind, disable=not progress or not pending)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         tokens_before, batch_started = generator.stats.completion_tokens, time.perf_counter()

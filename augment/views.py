@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lumosrec.augment.cache import View, ViewCache, history_hash
 from lumosrec.augment.grounding import ItemSpace, TextEncoder, ground
@@ -51,6 +50,7 @@ from lumosrec.augment.prompts import (
 from lumosrec.augment.retrieval import RECENT, distant_items, neighbours_of, retrieval_view
 from lumosrec.augment.runtime import Chat, Generator
 from lumosrec.core.errors import ConfigError
+from lumosrec.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class ViewMaker:
             else:
                 pending.append(user)
         stats.from_cache = len(histories) - len(pending)
-        bar = tqdm(total=len(pending), desc="views", unit="user", disable=not progress or not pending)
+        bar = progress_bar(total=len(pending), desc="views", unit="user", disable=not progress or not pending)
         for start in range(0, len(pending), self.config.users_per_batch):
             batch = pending[start : start + self.config.users_per_batch]
             made = self._make_batch({user: histories[user] for user in batch}, stats)

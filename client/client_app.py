@@ -19,9 +19,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from lumosrec.client.cohort import CohortUpdate, train_batched, use_batched
+from lumosrec.client.cohort import TABLE, CohortUpdate, train_batched, use_batched
 from lumosrec.client.objectives import OBJECTIVES, Objective, objective_for
-from lumosrec.client.privacy import local_dp_mod
+from lumosrec.client.privacy import (
+    defend_item_rows,
+    item_row_noise,
+    local_dp_mod,
+    local_dp_on,
+    privatise_user_update,
+    reported_examples,
+)
+from lumosrec.client.threats import training_data, update_factor
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import NodeData, node_data
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, rank_counts
@@ -118,6 +126,41 @@ def _round_rng(run, stream: int, config: ConfigRecord) -> np.random.Generator:
     return np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0))])
 
 
+def _defence_rng(run, stream: int, config: ConfigRecord) -> torch.Generator:
+    """The generator of the item-row defence's noise: apart from the stream training draws from."""
+    seed = np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0)), 1]).integers(2**63)
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _defended_table(
+    model: SASRec, received: dict[str, torch.Tensor], own_items: np.ndarray, context: Context, rng: torch.Generator
+) -> None:
+    """Replace ``model``'s item table by the received one plus the defended change (item-row defence)."""
+    table = model.item_embedding.weight
+    with torch.no_grad():
+        start = received[TABLE].to(table.device)
+        table.copy_(start + defend_item_rows(table - start, own_items, item_row_noise(context.run_config), rng))
+
+
+def _scale_update(model: SASRec, received: dict[str, torch.Tensor], factor: float) -> None:
+    """A simulated attacker's update: ``model``'s change from the received weights times ``factor``."""
+    if factor == 1.0:
+        return
+    with torch.no_grad():
+        for name, value in model.shared_state_dict().items():
+            start = received[name].to(value.device)
+            value.copy_(start + factor * (value - start))
+
+
+def _training_metrics(loss: float, examples: int, seen: int, run) -> MetricRecord:
+    """A training reply's metrics; under ``hide-history-length`` the counts are rounded up to a
+    power of two (samples seen: that times the local epochs)."""
+    reported = reported_examples(examples, run)
+    if reported != examples:
+        seen = reported * int(run["local-epochs"])
+    return MetricRecord({"train-loss": loss, "num-examples": reported, "samples-seen": seen})
+
+
 def _local_training(
     model: SASRec,
     objective: Objective,
@@ -171,7 +214,8 @@ def _train_cohort(
     if use_batched(run, objective.batched_refusal(run), sequences):
         positions = [position for position, _ in trainable]
         inputs = objective.batched_inputs(model, data.subset(positions), context)
-        update = _train_batched(model, context, config, [user for _, user in trainable], sequences, inputs)
+        users = [user for _, user in trainable]
+        update = _train_batched(model, context, config, users, sequences, inputs, data.dataset.num_users)
     else:
         update = _train_loop(model, objective, data, context, config, received, drawn)
     if update.examples == 0:  # no user of this cohort was drawn (or none has a training sample)
@@ -188,6 +232,7 @@ def _train_batched(
     users: list[int],
     sequences: list[np.ndarray],
     inputs: dict[str, object],
+    num_users: int,
 ) -> CohortUpdate:
     run = context.run_config
     rngs = [_round_rng(run, user + 1, config) for user in users]
@@ -196,6 +241,14 @@ def _train_batched(
     # dropout masks: one stream per cohort and round
     torch.manual_seed(int(_round_rng(run, _stream(context), config).integers(2**31)))
     model.train()
+    row_defence = None
+    if item_row_noise(run) > 0:
+        multiplier = item_row_noise(run)
+
+        def row_defence(k: int, change: torch.Tensor) -> torch.Tensor:
+            rng = _defence_rng(run, users[k] + 1, config)
+            return defend_item_rows(change, np.unique(sequences[k]), multiplier, rng)
+
     return train_batched(
         model,
         sequences,
@@ -205,6 +258,9 @@ def _train_batched(
         float(run["learning-rate"]),
         float(run["max-grad-norm"]),
         **inputs,
+        weights=[reported_examples(len(sequence) - 1, run) for sequence in sequences],
+        row_defence=row_defence,
+        update_factors=[update_factor(run, user, num_users) for user in users],
     )
 
 
@@ -217,6 +273,7 @@ def _train_loop(
     received: dict[str, torch.Tensor],
     drawn: list[tuple[int, int]],
 ) -> CohortUpdate:
+    run = context.run_config
     total: dict[str, torch.Tensor] = {}
     loss_sum, examples, seen = 0.0, 0, 0
     for position, user in drawn:
@@ -227,8 +284,17 @@ def _train_loop(
         )
         if count == 0:
             continue
-        for key, value in model.shared_state_dict().items():
-            total[key] = total[key] + count * value.detach() if key in total else count * value.detach().clone()
+        # what this user's own node would send: a simulated attacker's update, the defences, the count it states
+        _scale_update(model, received, update_factor(run, user, data.dataset.num_users))
+        if item_row_noise(run) > 0:
+            own = np.unique(alone.split.train[0])
+            _defended_table(model, received, own, context, _defence_rng(run, user + 1, config))
+        shared = {key: value.detach() for key, value in model.shared_state_dict().items()}
+        if local_dp_on(run):
+            privatise_user_update(shared, received, run)
+        count = reported_examples(count, run)
+        for key, value in shared.items():
+            total[key] = total[key] + count * value if key in total else count * value.clone()
         loss_sum, examples, seen = loss_sum + loss * count, examples + count, seen + visited
     mean = {key: value / examples for key, value in total.items()}
     return CohortUpdate(mean, loss_sum / max(examples, 1), examples, seen)
@@ -239,7 +305,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's users for ``local-epochs`` epochs: jointly
     (a silo, one user by default), or each of the round's drawn users on its own (a cohort)."""
     config, run = msg.content["config"], context.run_config
-    data = _node(context)
+    data = training_data(_node(context), run)
     device = _device(run)
     objective = objective_for(run)
     received = msg.content["arrays"].to_torch_state_dict()
@@ -249,7 +315,12 @@ def train(msg: Message, context: Context) -> Message:
         content = _train_cohort(model, objective, data, context, config, received)
     else:
         loss, examples, seen = _local_training(model, objective, data, context, config, _stream(context))
-        metrics = MetricRecord({"train-loss": loss, "num-examples": examples, "samples-seen": seen})
+        if len(data.users) == 1:  # a simulated attacker (threats are refused for silos)
+            _scale_update(model, received, update_factor(run, int(data.users[0]), data.dataset.num_users))
+        if item_row_noise(run) > 0 and examples:
+            own = np.unique(np.concatenate(data.split.train))
+            _defended_table(model, received, own, context, _defence_rng(run, _stream(context), config))
+        metrics = _training_metrics(loss, examples, seen, run)
         content = RecordDict({"arrays": ArrayRecord(model.shared_state_dict()), "metrics": metrics})
     state["rounds-trained"] = int(state["rounds-trained"]) + 1
     return Message(content, reply_to=msg)

@@ -26,7 +26,9 @@ every step and the loop is faster, so ``cohort-engine = "auto"`` picks per cohor
 Supports the ``sasrec`` objective, and ``lumos`` when only its item-level view terms are on
 (future items as extra targets, counterfactual items' unlikelihood: per-row terms on the same
 softmax, so their gradient is one more ``Q``), with SGD, clipping, any epochs and batch size; the
-others train in the loop (:func:`batched_refusal`).
+others train in the loop (:func:`batched_refusal`). What each user's own node would do to its
+update before sending it (the item-row defence, rounded example counts, a simulated attacker's
+scaling) is done per user here too, so that a cohort still replies what its users' nodes would.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lumosrec.client.privacy import local_dp_on
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.models.lumos import UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
@@ -70,6 +73,8 @@ def batched_refusal(run_config: Mapping, objective_refusal: str | None) -> str |
         return "the batched cohort engine trains with SGD only (Adam's per-element steps make each user's item table dense)"
     if str(run_config["strategy"]).lower() == "fedprox":
         return "the batched cohort engine has no FedProx proximal term"
+    if local_dp_on(run_config):
+        return "local DP clips each user's whole update, which the batched cohort engine never holds"
     return None
 
 
@@ -106,13 +111,20 @@ def train_batched(
     learning_rate: float,
     max_grad_norm: float,
     views: UserViews | None = None,
+    weights: list[int] | None = None,
+    row_defence: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    update_factors: list[float] | None = None,
 ) -> CohortUpdate:
     """Train each user (training sequence ``sequences[k]``, shuffled by ``rngs[k]``) on its own
     from ``model``'s weights with SGD for ``epochs`` epochs; return the example-weighted mean of
     the users' models. ``model`` is left unchanged; dropout is on when ``model.training``.
     ``views`` (row ``k`` for user ``k``) add LUMOS's item-level view terms
     (:meth:`lumosrec.models.lumos.LUMOS.view_item_terms`) to each user's loss; ``model`` is then
-    a LUMOS model whose contrastive terms and substitution are off."""
+    a LUMOS model whose contrastive terms and substitution are off. ``weights`` are the users'
+    weights in the mean (default: their training samples); ``row_defence(k, change)`` returns what
+    user ``k`` sends of its change of the item table (the item-row defence, per user as on its own
+    node; default: the change itself). ``update_factors`` multiply each user's update (a
+    simulated attacker's, :func:`lumosrec.client.threats.update_factor`; default: all 1)."""
     item_terms = None
     if views is not None:
 
@@ -136,11 +148,14 @@ def train_batched(
                 state.step(
                     group, batches, model.config, learning_rate, max_grad_norm, model.training, whole, item_terms
                 )
-    counts = [len(s) for s in samples]
-    weights = torch.tensor(counts, dtype=state.table0.dtype, device=state.table0.device) / sum(counts)
+    for user, factor in enumerate(update_factors or []):
+        if factor != 1.0:
+            state.scale_update(user, factor)
+    counts = weights or [len(s) for s in samples]
+    shares = torch.tensor(counts, dtype=state.table0.dtype, device=state.table0.device) / sum(counts)
     seen = [sum(map(len, plan)) for plan in plans]
     loss = sum(count * total / max(n, 1) for count, total, n in zip(counts, state.loss_sums, seen)) / sum(counts)
-    return CohortUpdate(state.mean(weights), float(loss), sum(counts), sum(seen))
+    return CohortUpdate(state.mean(shares, row_defence), float(loss), sum(counts), sum(seen))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -194,6 +209,7 @@ class _CohortState:
     table0: torch.Tensor
     sequences: list[np.ndarray]  # each user's training sequence
     theta: dict[str, torch.Tensor]  # name -> (users, ...) weights
+    theta0: dict[str, torch.Tensor]  # name -> the received weights every user started from
     own: list[np.ndarray]  # the only items a user ever inputs, sorted
     own_rows: list[torch.Tensor]  # their current rows, exact
     own_sparse: list[torch.Tensor]  # their input-side updates
@@ -221,6 +237,9 @@ class _CohortState:
                 for name, p in model.named_parameters()
                 if name != TABLE and name in shared
             },
+            theta0={
+                name: p.detach().clone() for name, p in model.named_parameters() if name != TABLE and name in shared
+            },
             own=own,
             own_rows=[table0[torch.from_numpy(items).to(device)].clone() for items in own],
             own_sparse=[torch.zeros(len(items), width, dtype=dtype, device=device) for items in own],
@@ -232,17 +251,37 @@ class _CohortState:
             loss_sums=[0.0] * users,
         )
 
-    def mean(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The ``weights``-weighted mean of the users' models, as a state dict."""
+    def mean(
+        self, weights: torch.Tensor, row_defence: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The ``weights``-weighted mean of the users' models, as a state dict; ``row_defence``
+        (see :func:`train_batched`) needs each user's whole change of the table, one at a time."""
         with torch.no_grad():
-            # every plan row is filled by the end of training; each user's rows weighted by its weight
-            rows = torch.tensor([len(h) for h in self.factor_h], device=weights.device)
-            row_weights = torch.repeat_interleave(weights, rows)
-            table = self.table0 + self.all_q.T @ (self.all_h * row_weights[:, None])
-            for w, items, sparse in zip(weights, self.own, self.own_sparse):
-                table.index_add_(0, torch.from_numpy(items).to(table.device), w * sparse)
+            if row_defence is None:
+                # every plan row is filled by the end of training; each user's rows weighted by its weight
+                rows = torch.tensor([len(h) for h in self.factor_h], device=weights.device)
+                row_weights = torch.repeat_interleave(weights, rows)
+                table = self.table0 + self.all_q.T @ (self.all_h * row_weights[:, None])
+                for w, items, sparse in zip(weights, self.own, self.own_sparse):
+                    table.index_add_(0, torch.from_numpy(items).to(table.device), w * sparse)
+            else:
+                table = self.table0.clone()
+                for user, (w, items, sparse) in enumerate(zip(weights, self.own, self.own_sparse)):
+                    change = (self.factor_q[user].T @ self.factor_h[user]).index_add_(
+                        0, torch.from_numpy(items).to(table.device), sparse
+                    )
+                    table += w * row_defence(user, change)
             mean = {name: torch.einsum("k,k...->...", weights, stacked) for name, stacked in self.theta.items()}
         return {TABLE: table, **mean}
+
+    def scale_update(self, user: int, factor: float) -> None:
+        """Multiply ``user``'s update (its model minus the start) by ``factor``, after training."""
+        with torch.no_grad():
+            self.factor_q[user].mul_(factor)
+            self.own_sparse[user].mul_(factor)
+            for name, stacked in self.theta.items():
+                start = self.theta0[name]
+                stacked[user] = start + factor * (stacked[user] - start)
 
     def _filled_factors(self, user: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``user``'s softmax factors (c * Q, H) of the steps taken so far."""

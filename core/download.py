@@ -36,6 +36,7 @@ from typing import TypeVar
 
 from lumosrec.core.errors import DownloadError
 from lumosrec.core.paths import cache_dir as cache_folder
+from lumosrec.core.progress import progress_bar
 
 T = TypeVar("T")
 
@@ -349,8 +350,6 @@ def _fetch(name: str, raw: RawFile, dest: Path, progress: bool) -> str:
     """Download ``raw`` to ``dest`` and return its SHA-256. The bytes go to a ``.part`` file,
     renamed into place only when complete and verified, so a partial or tampered download is
     never taken for the raw file."""
-    from tqdm import tqdm  # imported lazily: only needed when actually downloading
-
     part = dest.with_name(dest.name + ".part")
     request = urllib.request.Request(raw.url, headers={"User-Agent": "lumosrec"})
     digest = hashlib.sha256()
@@ -358,7 +357,7 @@ def _fetch(name: str, raw: RawFile, dest: Path, progress: bool) -> str:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(part, "wb") as fh:
             length, received = response.headers.get("Content-Length", ""), 0
             total = int(length) if length.isdigit() else None
-            with tqdm(
+            with progress_bar(
                 total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
             ) as bar:
                 while chunk := response.read(1 << 16):

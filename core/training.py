@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import LeaveOneOut, evaluate
+from lumosrec.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def train_epochs(
     total_loss, seen = 0.0, 0
     for _ in range(epochs):
         batches = list(samples.epoch(batch_size, rng))
-        for indices in tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch"):
+        for indices in progress_bar(batches, desc=description, disable=not progress, leave=False, unit="batch"):
             items, lengths, targets, users = samples.batch(indices)
             loss = model.loss(items.to(device), lengths.to(device), targets.to(device), users.to(device), **loss_inputs)
             if regularizer is not None:
@@ -179,7 +180,7 @@ def fit(
         log.info("resumed after epoch %d from %s", done, checkpoint)
         if progress:
             tqdm.write(f"resumed after epoch {done}")
-    epochs = tqdm(
+    epochs = progress_bar(
         range(done + 1, config.epochs + 1),
         desc="epochs",
         disable=not progress,

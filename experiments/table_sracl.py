@@ -30,7 +30,17 @@ from lumosrec.core.data import load_data
 from lumosrec.core.results import read_result, write_json
 from lumosrec.core.training import TrainConfig
 from lumosrec.launch.centralized import run_centralized
-from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL, SAMPLED_FOR_LLM, cell, gain, run_folder, slug, summarize
+from lumosrec.launch.tables import (
+    MAIN_METRICS,
+    PROTOCOL,
+    SAMPLED_FOR_LLM,
+    cell,
+    gain,
+    gain_cell,
+    run_folder,
+    slug,
+    summarize,
+)
 
 METHODS = ("centralized-sasrec", "centralized-cl4srec", "sracl")
 #: ablation label -> (model hyper-parameters, semantic-side settings) of ``sracl``
@@ -149,11 +159,7 @@ def report(args: argparse.Namespace) -> Path:
             cells = {m: gain(rows["sracl"][m], rows["centralized-cl4srec"][m]) for m in ("HR@20", "NDCG@20")}
             gains[dataset] = cells
             lines.append(
-                f"| {dataset} | centralized-cl4srec | "
-                + " | ".join(
-                    f"{c['relative']:+.1%}{'' if c['beyond_noise'] else ' (within noise)'}" for c in cells.values()
-                )
-                + " |"
+                f"| {dataset} | centralized-cl4srec | " + " | ".join(gain_cell(c) for c in cells.values()) + " |"
             )
     costs = {dataset: _llm_cost(rows) for dataset, rows in found.items() if "sracl" in rows}
     lines += [

@@ -20,6 +20,7 @@ from lumosrec.client.client_app import OPTIMIZERS
 from lumosrec.client.cohort import ENGINES, batched_refusal
 from lumosrec.client.objectives import choices as objective_choices
 from lumosrec.client.objectives import objective_for
+from lumosrec.client.threats import ATTACKS, threat_refusal
 from lumosrec.core.data import run_data
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.runconfig import check_values, cohort_size
@@ -73,14 +74,20 @@ def check_run_config(run_config: Mapping, defaults: Mapping) -> dict:
         )
     merged = {**defaults, **run_config}
     check_values(merged)
-    choices = {"client-optimizer": OPTIMIZERS, "cohort-engine": ENGINES, "item-init": ITEM_INITS, **objective_choices()}
+    choices = {
+        "client-optimizer": OPTIMIZERS,
+        "cohort-engine": ENGINES,
+        "item-init": ITEM_INITS,
+        "malicious-attack": ATTACKS,
+        **objective_choices(),
+    }
     for key, allowed in choices.items():
         if merged[key] not in allowed:
             raise ConfigError(f"run config {key}={merged[key]!r}: choose one of {', '.join(allowed)}")
     if str(merged["strategy"]).lower() not in STRATEGIES:
         raise ConfigError(f"unknown strategy {merged['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
     weighting(merged)
-    refusal = cohort_refusal(merged)
+    refusal = cohort_refusal(merged) or threat_refusal(merged)
     if not refusal and cohort_size(merged) and merged["cohort-engine"] == "batched":
         refusal = batched_refusal(merged, objective_for(merged).batched_refusal(merged))
         if refusal:

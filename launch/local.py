@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lumosrec.client.client_app import local_optimizer
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import node_data, run_data
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts, rank_counts
+from lumosrec.core.progress import progress_bar
 from lumosrec.core.results import RunDirectory, peak_rss_mb
 from lumosrec.core.runconfig import model_sizes
 from lumosrec.core.training import pick_device, seed_everything, train_epochs
@@ -54,7 +54,7 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
     initial = copy.deepcopy(model.state_dict())
     counts = {(stage, protocol): RankCounts.empty() for stage in STAGES for protocol in PROTOCOLS}
     started = time.perf_counter()
-    for node in tqdm(range(num_nodes), desc="local models", unit="node", disable=not progress):
+    for node in progress_bar(range(num_nodes), desc="local models", unit="node", disable=not progress):
         data = node_data(run, {"partition-id": node, "num-partitions": num_nodes})
         model.load_state_dict(initial)
         rng = np.random.default_rng([int(run["seed"]), node])

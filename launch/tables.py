@@ -47,10 +47,22 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def gain(method: dict, baseline: dict) -> dict[str, float | bool]:
-    """Relative gain of the means, and whether the difference exceeds twice its standard error."""
+    """Relative gain of the means, whether the difference exceeds twice its standard error, and
+    whether that could be told (a side with one seed has no measured noise)."""
     mean, base = method["mean"], baseline["mean"]
     error = math.sqrt(method["std"] ** 2 / method["n"] + baseline["std"] ** 2 / baseline["n"])
-    return {"relative": mean / base - 1 if base else math.nan, "beyond_noise": abs(mean - base) > 2 * error > 0}
+    return {
+        "relative": mean / base - 1 if base else math.nan,
+        "beyond_noise": abs(mean - base) > 2 * error > 0,
+        "noise_measured": min(method["n"], baseline["n"]) > 1,
+    }
+
+
+def gain_cell(found: dict) -> str:
+    """One :func:`gain` as a table cell: the relative gain, and what is known of its noise."""
+    if not found.get("noise_measured", True):
+        return f"{found['relative']:+.1%} (one seed: noise unknown)"
+    return f"{found['relative']:+.1%}{'' if found['beyond_noise'] else ' (within noise)'}"
 
 
 def cell(summary: dict) -> str:

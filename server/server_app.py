@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 from lumosrec.augment.grounding import text_item_table
 from lumosrec.client.objectives import foreign_keys, later_keys, method_name, objective_for
 from lumosrec.client.privacy import local_dp_on, local_dp_spent
+from lumosrec.client.threats import any_threat, threat_refusal
 from lumosrec.core.data import run_data
 from lumosrec.core.dataset import catalog_name, catalog_sha256, catalog_size, catalog_titles, sample_users
 from lumosrec.core.errors import ConfigError, FederationError
@@ -77,6 +78,10 @@ FINGERPRINT_KEYS = (
 
 #: the client-side DP settings (``client/privacy.py``), in the fingerprint when on
 LOCAL_DP_KEYS = ("local-dp-epsilon", "local-dp-clipping-norm", "local-dp-delta")
+#: the other client-side defences (``client/privacy.py``), in the fingerprint when on
+DEFENCE_KEYS = ("item-row-noise", "hide-history-length")
+#: a simulation's noisy and malicious clients (``client/threats.py``), in the fingerprint when on
+THREAT_KEYS = ("noise-share", "malicious-share", "malicious-attack", "malicious-scale", "promote-item")
 #: how the server initialises the item table (``item-init``)
 ITEM_INITS = ("random", "text")
 
@@ -97,6 +102,11 @@ def fingerprint(run: Mapping) -> dict:
         found["item-init"] = str(run["item-init"])
     if local_dp_on(run):  # likewise
         found.update({key: run[key] for key in LOCAL_DP_KEYS})
+    for key in DEFENCE_KEYS:  # likewise
+        if run.get(key):
+            found[key] = run[key]
+    if any_threat(run):  # likewise: a simulation's noisy or malicious clients
+        found.update({key: run[key] for key in THREAT_KEYS if key in run})
     catalog = str(run["catalog"])
     found["data-sha256"] = catalog_sha256(catalog) if catalog else run_data(run).content_sha256()
     return found
@@ -284,7 +294,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     else:
         dataset = run_data(run)
         dataset_name, num_items = dataset.name, dataset.num_items
-    refusal = cohort_refusal(run)
+    refusal = cohort_refusal(run) or threat_refusal(run)
     if refusal:
         raise ConfigError(refusal)
     seed_everything(int(run["seed"]))

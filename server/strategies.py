@@ -146,8 +146,6 @@ def cohort_refusal(run_config: Mapping) -> str | None:
         return "cohort-size and users-per-client > 1 (silos) exclude each other: choose one"
     if str(run_config.get("catalog", "")):
         return "cohort nodes are a simulation mode; a deployment's nodes hold their own users"
-    if float(run_config.get("local-dp-epsilon", 0.0)) > 0:
-        return "local DP noises each user's own update, and a cohort sends its users' mean: use cohort-size=0"
     name = str(run_config["strategy"]).lower()
     if name not in LINEAR or float(run_config["dp-clipping-norm"]) > 0:
         return (

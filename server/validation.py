@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from lumosrec.client.privacy import hides_history_length
 from lumosrec.core.data import partition_users, run_data
 from lumosrec.core.errors import ConfigError
 from lumosrec.core.evaluation import MAX_CUTOFF, PROTOCOLS, STAGES
@@ -61,6 +62,8 @@ class ReplyLimits:
             derived_examples, derived_users = DEPLOYMENT_MAX_EXAMPLES, DEPLOYMENT_MAX_USERS
         else:
             derived_examples, derived_users = _largest_node(run, num_nodes)
+            if hides_history_length(run):  # each user's count rounded up: less than doubled
+                derived_examples *= 2
         return cls(shapes, max_examples or derived_examples, max_users or derived_users)
 
 

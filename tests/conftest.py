@@ -85,3 +85,21 @@ def task_identity() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 synthetic users in the folder format, for what one client sends."""
+    from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
+
+    config = SyntheticConfig(num_users=40, items_per_category=10, seed=3)
+    return write_folder(generate(config), tmp_path_factory.mktemp("catalog"))
+
+
+@pytest.fixture
+def bare_run_config(small_catalog: Path) -> dict:
+    """The default run config over :func:`small_catalog`, a tiny model and no client-side defence."""
+    from experiments.bench_privacy import NO_DEFENCE
+    from lumosrec.launch.app import default_run_config
+
+    return {**default_run_config(), **NO_DEFENCE, "data": str(small_catalog), "hidden-size": 16, "inner-size": 32}

@@ -20,6 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
+from experiments.bench_privacy import NO_DEFENCE
 from lumosrec.client.client_app import app as client_app
 from lumosrec.client.objectives import OBJECTIVES
 from lumosrec.core.data import load_data, node_data
@@ -44,7 +45,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run_config(data_dir: Path) -> dict:
-    return {**default_run_config(), "data": str(data_dir), "hidden-size": 16, "inner-size": 32}
+    return {**default_run_config(), **NO_DEFENCE, "data": str(data_dir), "hidden-size": 16, "inner-size": 32}
 
 
 def _call(
