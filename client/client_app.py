@@ -121,15 +121,15 @@ def _stream(context: Context) -> int:
     return int(context.node_id) % 2**32
 
 
-def _round_rng(run, stream: int, config: ConfigRecord) -> np.random.Generator:
-    """The generator of ``stream`` (a node's or a user's) in this round: shuffling, draws, dropout seed."""
-    return np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0))])
+def _round_rng(run, stream: int, config: ConfigRecord, *purpose: int) -> np.random.Generator:
+    """The generator of ``stream`` (a node's or a user's) in this round: shuffling, draws, dropout
+    seed; ``purpose`` names a stream apart from those (the item-row defence's noise: 1)."""
+    return np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0)), *purpose])
 
 
 def _defence_rng(run, stream: int, config: ConfigRecord) -> torch.Generator:
     """The generator of the item-row defence's noise: apart from the stream training draws from."""
-    seed = np.random.default_rng([int(run["seed"]), stream, int(config.get("server-round", 0)), 1]).integers(2**63)
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(int(_round_rng(run, stream, config, 1).integers(2**63)))
 
 
 def _defended_table(
