@@ -29,6 +29,7 @@ from lumosrec.client.privacy import (
     privatise_user_update,
     reported_examples,
 )
+from lumosrec.client.secure import secure_aggregation_mod
 from lumosrec.client.threats import training_data, update_factor
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import NodeData, node_data
@@ -36,8 +37,6 @@ from lumosrec.core.evaluation import PROTOCOLS, STAGES, rank_counts
 from lumosrec.core.runconfig import MODEL_KEYS, cohort_size
 from lumosrec.core.training import pick_device, train_epochs
 from lumosrec.models.sasrec import SASRec
-
-app = ClientApp(mods=[local_dp_mod])
 
 STATE_KEY = "lumos-client"
 #: the local optimizers a client can use (``client-optimizer``)
@@ -300,6 +299,29 @@ def _train_loop(
     return CohortUpdate(mean, loss_sum / max(examples, 1), examples, seen)
 
 
+def rank_histograms(content: RecordDict, context: Context) -> RecordDict:
+    """Rank each user's validation and test item against all items with the received model.
+
+    Integer histograms of target ranks below ``MAX_CUTOFF`` per stage and protocol; summed over
+    nodes they give exactly the centralized metrics.
+    """
+    run = context.run_config
+    data = _node(context)
+    device = _device(run)
+    received = content["arrays"].to_torch_state_dict()
+    model = _received_model(received, context, data.num_items, device, OBJECTIVES["sasrec"])
+    metrics: dict[str, int | list[int]] = {"num-examples": len(data.users)}
+    for stage in STAGES:
+        counts = rank_counts(model, data.split, stage, int(run["max-len"]), PROTOCOLS, device=device)
+        for protocol, count in counts.items():
+            metrics[f"{stage}-{protocol}-at-rank"] = count.at_rank.tolist()
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+#: secure aggregation outermost: it masks what the defences inside it have made of the reply
+app = ClientApp(mods=[secure_aggregation_mod(rank_histograms), local_dp_mod])
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's users for ``local-epochs`` epochs: jointly
@@ -328,19 +350,5 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Rank each user's validation and test item against all items with the global model.
-
-    Replies with integer histograms of target ranks below ``MAX_CUTOFF`` per stage and
-    protocol; summed over nodes they give exactly the centralized metrics.
-    """
-    run = context.run_config
-    data = _node(context)
-    device = _device(run)
-    received = msg.content["arrays"].to_torch_state_dict()
-    model = _received_model(received, context, data.num_items, device, OBJECTIVES["sasrec"])
-    metrics: dict[str, int | list[int]] = {"num-examples": len(data.users)}
-    for stage in STAGES:
-        counts = rank_counts(model, data.split, stage, int(run["max-len"]), PROTOCOLS, device=device)
-        for protocol, count in counts.items():
-            metrics[f"{stage}-{protocol}-at-rank"] = count.at_rank.tolist()
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    """Reply with the received model's rank histograms on this node's users (:func:`rank_histograms`)."""
+    return Message(rank_histograms(msg.content, context), reply_to=msg)

@@ -86,6 +86,7 @@ _RANGES = {
     "below one": (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
     "below half": (lambda v: _real(v) and 0 <= v < 0.5, "in [0, 0.5)"),
     "nodes or auto": (lambda v: _integer(v) and v >= -1, "-1 (as many as the rule tolerates) or a count"),
+    "switch or auto": (lambda v: isinstance(v, bool) or v == "auto", 'true, false or "auto"'),
 }
 
 #: run-config key -> its range in :data:`_RANGES`; a value outside it would fail only once the
@@ -124,6 +125,7 @@ VALUE_RANGES = {
             "views-llm-users",
             "views-llm-seed",
             "promote-item",
+            "secure-aggregation-shares",
         ),
         "count",
     ),
@@ -146,14 +148,17 @@ VALUE_RANGES = {
         ),
         "non-negative",
     ),
-    **dict.fromkeys(("fraction-train", "fraction-evaluate", "dp-delta", "local-dp-delta"), "share"),
+    **dict.fromkeys(
+        ("fraction-train", "fraction-evaluate", "dp-delta", "local-dp-delta", "secure-aggregation-threshold"), "share"
+    ),
     **dict.fromkeys(
         ("lumos-paraphrase-substitution", "local-dp-epsilon", "noise-share", "malicious-share"), "probability"
     ),
-    **dict.fromkeys(("local-dp-clipping-norm", "malicious-scale"), "positive"),
+    **dict.fromkeys(("local-dp-clipping-norm", "malicious-scale", "secure-aggregation-clipping"), "positive"),
     **dict.fromkeys(("dropout", "server-momentum"), "below one"),
     "trimmed-beta": "below half",
     "num-malicious-nodes": "nodes or auto",
+    "secure-aggregation": "switch or auto",
 }
 
 

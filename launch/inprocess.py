@@ -12,6 +12,7 @@ simulation's random ids, so a given seed samples other users than under ``flwr r
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -69,6 +70,9 @@ class InProcessGrid(Grid):
         return list(self._contexts)
 
     def _deliver(self, message: Message) -> Message:
+        # a node gets its own copy, as over the wire: mods change what they receive (SecAgg+'s does),
+        # and the strategies send one content object to many nodes (its arrays' bytes are shared)
+        message = Message(copy.deepcopy(message.content), metadata=copy.copy(message.metadata))
         try:
             return self._app(message, self._contexts[message.metadata.dst_node_id])
         except Exception as error:  # a failing client becomes an error reply, as on a SuperNode

@@ -36,10 +36,12 @@ from lumosrec.core.runconfig import check_values, cohort_size, model_sizes
 from lumosrec.core.training import EARLY_STOPPING_METRIC, seed_everything
 from lumosrec.models.factory import build_model
 from lumosrec.server import checkpoint, validation
+from lumosrec.server.secure import secure_evaluate, secure_train, use_secure_aggregation
 from lumosrec.server.strategies import (
     build_strategy,
     cohort_refusal,
     privacy_spent,
+    sampled_train_nodes,
     strategy_is_linear,
     strategy_keys,
     sum_metric_records,
@@ -210,12 +212,13 @@ def _exchange(
 
 def _train(
     grid: Grid,
+    context: Context,
     strategy: Strategy,
     server_round: int,
     arrays: ArrayRecord,
-    run: Mapping,
     config: ConfigRecord,
     limits: validation.ReplyLimits,
+    secure: bool,
 ):
     """One training exchange; with linear strategies, in chunks of bounded memory.
 
@@ -225,9 +228,12 @@ def _train(
     most ``aggregation-chunk`` model replies are in memory at once (22k Beauty clients x 3.5 MB
     would not fit). Robust and DP strategies need every update and get them all at once. A
     reply that trained nothing (a cohort none of whose users was drawn) carries no weight and is
-    left out.
+    left out. Under secure aggregation the server gets only the round's mean (:mod:`lumosrec.server.secure`).
     """
+    run = context.run_config
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
+    if secure:
+        return _secure_train(grid, context, strategy, server_round, arrays, messages, limits)
     size = int(run["aggregation-chunk"]) if strategy_is_linear(strategy) else 0
     replies, exchange = [], Exchange(sampled=len(messages))
     for chunk in _chunks(messages, size):
@@ -252,6 +258,29 @@ def _train(
     return aggregated, metrics, exchange
 
 
+def _secure_train(
+    grid: Grid,
+    context: Context,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    messages: list[Message],
+    limits: validation.ReplyLimits,
+):
+    exchange = Exchange(sampled=len(messages))
+    started = time.perf_counter()
+    mean, delivered = secure_train(
+        grid, context, messages, arrays, context.run_config, server_round, limits.max_examples
+    )
+    exchange.accepted, exchange.failures = delivered, len(messages) - delivered
+    if mean is None or delivered < int(context.run_config["min-nodes"]):
+        exchange.seconds = time.perf_counter() - started
+        return None, None, exchange
+    aggregated, metrics = strategy.aggregate_train(server_round, [mean])
+    exchange.seconds = time.perf_counter() - started  # the protocol's four exchanges included
+    return aggregated, metrics, exchange
+
+
 def _pre_average(replies: list[Message]) -> Message:
     contents = [reply.content for reply in replies]
     metrics = aggregate_metricrecords(contents, validation.WEIGHT_KEY)
@@ -262,12 +291,24 @@ def _pre_average(replies: list[Message]) -> Message:
 
 
 def _evaluate(
-    grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, run: Mapping, limits: validation.ReplyLimits
+    grid: Grid,
+    context: Context,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    limits: validation.ReplyLimits,
+    secure: bool,
 ):
     """One evaluation exchange, in chunks: the checked replies' rank histograms are summed (never
-    averaged or weighed), so chunking is exact and the metrics equal the centralized ones."""
+    averaged or weighed), so chunking is exact and the metrics equal the centralized ones. Under
+    secure aggregation the server gets only their sum."""
+    run = context.run_config
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
     summed, exchange = None, Exchange(sampled=len(messages))
+    if secure:
+        summed, exchange.accepted = secure_evaluate(grid, context, messages, run, server_round, limits.max_users)
+        exchange.failures = len(messages) - exchange.accepted
+        return summed, exchange
     for chunk in _chunks(messages, int(run["aggregation-chunk"])):
         valid = []
         for reply in _exchange(grid, chunk, run, server_round, "evaluate", exchange):
@@ -301,9 +342,16 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     model = build_model("sasrec", num_items, **model_sizes(run))
     num_nodes = len(list(grid.get_node_ids()))
     strategy = build_strategy(run, num_nodes)
+    secure = use_secure_aggregation(run, strategy_is_linear(strategy), sampled_train_nodes(run, num_nodes))
     state = load_checkpoint(out, run) if bool(run["resume"]) else None
     run_dir = RunDirectory(out, overwrite=True)
-    asked = {"method": method_name(run), "strategy": str(run["strategy"]), "run_config": dict(run), "nodes": num_nodes}
+    asked = {
+        "method": method_name(run),
+        "strategy": str(run["strategy"]),
+        "run_config": dict(run),
+        "nodes": num_nodes,
+        "secure_aggregation": secure,
+    }
     if state is None:
         if str(run["item-init"]) == "text":
             _init_items_from_text(model, run)
@@ -317,6 +365,8 @@ def run_rounds(grid: Grid, context: Context) -> dict:
     run_dir.history = state.history
     arrays = ArrayRecord(state.state_dict)
     limits = validation.ReplyLimits.for_run(run, arrays, num_nodes)
+    if secure:
+        log.info("secure aggregation (SecAgg+): the server sees only each round's sums, and checks those")
     log.info(
         "replies are checked against the global model's %d arrays, at most %d training samples and %d users each",
         len(limits.arrays),
@@ -332,7 +382,9 @@ def run_rounds(grid: Grid, context: Context) -> dict:
             config["train-users"] = users
         wait_for_nodes(grid, int(run["min-nodes"]), float(run["node-wait"]), server_round)
         before = checkpoint.snapshot(strategy)  # a round that yields no new model leaves no trace
-        aggregated, train_metrics, trained = _train(grid, strategy, server_round, arrays, run, config, limits)
+        aggregated, train_metrics, trained = _train(
+            grid, context, strategy, server_round, arrays, config, limits, secure
+        )
         updated, skipped = _next_model(aggregated, trained, int(run["min-nodes"]), limits)
         if skipped:
             log.warning("round %d skipped, the global model is unchanged: %s", server_round, skipped)
@@ -357,7 +409,7 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         if eval_every > 0 and (server_round % eval_every == 0 or server_round == num_rounds):
             eval_started = time.perf_counter()
             wait_for_nodes(grid, int(run["min-nodes"]), float(run["node-wait"]), server_round)
-            summed, evaluated = _evaluate(grid, strategy, server_round, arrays, run, limits)
+            summed, evaluated = _evaluate(grid, context, strategy, server_round, arrays, limits, secure)
             row.update(eval_nodes=evaluated.sampled, eval_failures=evaluated.failures, eval_rejected=evaluated.rejected)
             if summed is None:
                 log.warning(

@@ -337,6 +337,7 @@ def test_loopback_deployment_runs_with_a_failing_node(deployment: tuple[Loopback
         "hidden-size": 16,
         "inner-size": 32,
         "round-timeout": 120.0,
+        "secure-aggregation": False,  # the plain exchange (the next test: the default, secure)
     }
     result = running.run(APP_DIR, run_config, RunFollower(out, rounds=2, total_users=40, progress=False), timeout=600)
     history = json.loads((out / "metrics.json").read_text())
@@ -348,3 +349,32 @@ def test_loopback_deployment_runs_with_a_failing_node(deployment: tuple[Loopback
     log = (running.workdir / "run.log").read_text()
     assert "round 2: loss" in log and "HTTP Request" not in log
     assert not any(line.startswith("INFO flwr: ") for line in log.splitlines())
+
+
+@pytest.mark.slow
+def test_deployments_aggregate_securely_by_default(deployment: tuple[LoopbackDeployment, Path]) -> None:
+    """SecAgg+ (on by default in a deployment) through TLS, the gateway and registered SuperNodes:
+    the node with broken data takes part in the key exchange, then fails to train and to evaluate;
+    its neighbours' shares unmask the round, and the securely summed histograms count exactly the
+    healthy nodes' 40 users."""
+    running, root = deployment
+    out = root / "secure-run"
+    run_config = {
+        **default_run_config(),
+        "catalog": str(root / "data" / "catalog"),
+        "out-dir": str(out),
+        "num-server-rounds": 2,
+        "fraction-train": 1.0,
+        "min-nodes": 2,
+        "eval-every": 1,
+        "hidden-size": 16,
+        "inner-size": 32,
+        "round-timeout": 120.0,
+    }
+    running.run(APP_DIR, run_config, RunFollower(out, rounds=2, total_users=40, progress=False), timeout=600)
+    history = json.loads((out / "metrics.json").read_text())
+    assert [row["round"] for row in history] == [1, 2] and not any(row["skipped"] for row in history)
+    assert all(row["train_failures"] == 1 and row["eval_failures"] == 1 for row in history)
+    assert all(row["eval_users"] == 40 for row in history)
+    assert json.loads((out / "config.json").read_text())["secure_aggregation"] is True
+    assert "Secure aggregation completed" in (running.workdir / "run.log").read_text()
