@@ -100,7 +100,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Secure aggregation (SecAgg+) against plain replies: round time on a loopback deployment",
         "",
-        "`python experiments/bench_secure.py " + " ".join(sys.argv[1:]) + "`",
+        "`python experiments/bench_secure.py " + " ".join(sys.argv[1:]) + "` (rows of other datasets or node "
+        "counts: earlier invocations with the same settings)",
         "",
         f"{args.rounds} rounds, every node trains ({args.local_epochs} local epoch) and evaluates every round; "
         f"{args.users} users sampled per dataset (seed 0) over its whole catalog; median seconds per round. "
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.nodes) < 3:
         print("bench_secure: secure aggregation needs at least 3 nodes (--nodes)", file=sys.stderr)
         return 2
-    rows = []
+    # pairs measured before (another dataset or node count) stay in the report; those asked again are redone
+    rows = [row for row in _earlier_rows(args) if row["dataset"] not in args.datasets or row["nodes"] not in args.nodes]
     try:
         for name in args.datasets:
             full = load_data(str(args.data_root / name))
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report(rows, args))
     return 0
+
+
+def _earlier_rows(args: argparse.Namespace) -> list[dict]:
+    path = args.out / "secure_aggregation.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:

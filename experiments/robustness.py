@@ -177,7 +177,7 @@ def report(args: argparse.Namespace, rows: list[dict], budget: Budget, command: 
         "# Noisy and malicious clients: FedAvg-SASRec against LUMOS",
         "",
         f"Issue 21's robustness study, written by `{command}` (without `--report-only` it makes the missing "
-        "runs first). Budget: {budget.rounds} rounds x "
+        f"runs first). Budget: {budget.rounds} rounds x "
         f"{budget.fraction_train:g} of the clients x {budget.local_epochs} local epochs, seed {args.seed}. "
         "Test HR@20 / NDCG@20 (unmasked, all users, at the round of the best validation MRR@10), their change "
         "against the clean run of the same method and aggregator, and the promoted item's exposure (share of "

@@ -54,8 +54,6 @@ log = logging.getLogger("lumos.server")
 
 #: the modulus of SecAgg+'s masked sums (Flower's default and largest)
 MODULUS = 2**32
-#: the quantization range for at most 1,023 replies (Flower's default); larger rounds get less
-QUANTIZATION = 2**22
 
 
 def use_secure_aggregation(run: Mapping, linear: bool, sampled_nodes: int) -> bool:
@@ -96,8 +94,11 @@ def secure_refusal(run: Mapping, linear: bool, sampled_nodes: int) -> str | None
 
 
 def quantization_range(replies: int) -> int:
-    """The largest power-of-two range whose sum over ``replies`` fits SecAgg+'s modulus."""
-    return min(QUANTIZATION, MODULUS >> max(1, replies.bit_length()))
+    """The largest power-of-two range whose sum over ``replies`` fits SecAgg+'s modulus (2**30 for
+    3 replies, 2**20 for 2,236). Flower's default, 2**22, is coarse for small weights: a node masks
+    its update times its examples over ``max_weight``, which in a deployment is a loose bound
+    (100,000 examples), and at 2**22 the rounding noise then exceeds the update."""
+    return MODULUS >> max(2, replies.bit_length())
 
 
 class _RoundCapture(LegacyStrategy):
