@@ -80,7 +80,10 @@ def secure_refusal(run: Mapping, linear: bool, sampled_nodes: int) -> str | None
             "use fedavg, fedprox, fedavgm, fedadam or fedyogi without dp-clipping-norm"
         )
     if str(run["aggregation-weights"]) != "examples":
-        return "secure-aggregation weighs replies by their examples (the nodes weigh their own updates): use aggregation-weights=examples"
+        return (
+            "secure-aggregation weighs replies by their examples (the nodes weigh their own updates): "
+            "use aggregation-weights=examples"
+        )
     if sampled_nodes < 3:
         return (
             f"secure-aggregation needs at least 3 nodes per round (this run samples {sampled_nodes}): "
@@ -88,8 +91,6 @@ def secure_refusal(run: Mapping, linear: bool, sampled_nodes: int) -> str | None
         )
     if int(run["secure-aggregation-shares"]) < 3:
         return "secure-aggregation-shares must be at least 3"
-    if not 0 < float(run["secure-aggregation-threshold"]) <= 1:
-        return "secure-aggregation-threshold is a share of secure-aggregation-shares, in (0, 1]"
     return None
 
 
@@ -109,14 +110,12 @@ class _RoundCapture(LegacyStrategy):
         self.instructions = instructions
         self.mean: list[np.ndarray] | None = None
         self.results: list[FitRes] = []
-        self.failures = 0
 
     def configure_fit(self, server_round, parameters, client_manager):
         return self.instructions
 
     def aggregate_fit(self, server_round, results, failures):
         self.results = [fit_res for _, fit_res in results]
-        self.failures = len(failures)
         if self.results:
             self.mean = parameters_to_ndarrays(self.results[0].parameters)
         return None, {}

@@ -363,7 +363,7 @@ def test_deployments_aggregate_securely_by_default(deployment: tuple[LoopbackDep
         **default_run_config(),
         "catalog": str(root / "data" / "catalog"),
         "out-dir": str(out),
-        "num-server-rounds": 2,
+        "num-server-rounds": 1,
         "fraction-train": 1.0,
         "min-nodes": 2,
         "eval-every": 1,
@@ -371,9 +371,9 @@ def test_deployments_aggregate_securely_by_default(deployment: tuple[LoopbackDep
         "inner-size": 32,
         "round-timeout": 120.0,
     }
-    running.run(APP_DIR, run_config, RunFollower(out, rounds=2, total_users=40, progress=False), timeout=600)
+    running.run(APP_DIR, run_config, RunFollower(out, rounds=1, total_users=40, progress=False), timeout=600)
     history = json.loads((out / "metrics.json").read_text())
-    assert [row["round"] for row in history] == [1, 2] and not any(row["skipped"] for row in history)
+    assert [row["round"] for row in history] == [1] and not history[0]["skipped"]
     assert all(row["train_failures"] == 1 and row["eval_failures"] == 1 for row in history)
     assert all(row["eval_users"] == 40 for row in history)
     assert json.loads((out / "config.json").read_text())["secure_aggregation"] is True

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 LOCAL_DP = {"local-dp-epsilon": 1.0, "local-dp-clipping-norm": 0.5, "local-dp-delta": 1e-5}
 
 
-def _model_state(bare_run_config: dict) -> dict[str, torch.Tensor]:
+def _model_state(run_config: dict) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return OBJECTIVES["sasrec"].build_model(bare_run_config, load_data(bare_run_config["data"]).num_items).state_dict()
+    return OBJECTIVES["sasrec"].build_model(run_config, load_data(run_config["data"]).num_items).state_dict()
 
 
 def _flat(arrays: dict[str, torch.Tensor]) -> np.ndarray:

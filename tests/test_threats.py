@@ -23,8 +23,8 @@ from tests.test_cohort import _global_weights
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _everyone(bare_run_config: dict):
-    return node_data(bare_run_config, {"partition-id": 0, "num-partitions": 1})
+def _everyone(run_config: dict):
+    return node_data(run_config, {"partition-id": 0, "num-partitions": 1})
 
 
 def test_noise_replaces_the_stated_share_of_each_users_training_items(bare_run_config: dict) -> None:
