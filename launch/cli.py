@@ -388,7 +388,7 @@ def _add_deploy(subparsers: argparse._SubParsersAction) -> None:
     split.set_defaults(handler=_deploy_split)
     local = deploy.add_parser("local", help="the whole deployment on 127.0.0.1 (TLS, node auth), run the app, stop")
     local.add_argument("--data", default=SYNTHETIC)
-    local.add_argument("--nodes", type=int, default=2)
+    local.add_argument("--nodes", type=int, default=3, help="SuperNodes (3 or more: secure aggregation)")
     local.add_argument("--rounds", type=int, default=2)
     local.add_argument("--workdir", type=Path, default=Path("runs/deploy-local"))
     local.add_argument("--run-config", default="", help="more overrides, TOML-typed")

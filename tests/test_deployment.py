@@ -54,7 +54,7 @@ def services() -> dict[str, dict]:
 
 def test_compose_file_runs_the_deployment_topology() -> None:
     compose = services()
-    assert {name: service["command"] for name, service in compose.items()} == compose_commands(nodes=2)
+    assert {name: service["command"] for name, service in compose.items()} == compose_commands(nodes=3)
     assert all(
         s.get("environment", {}).get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1" for s in compose.values()
     )
