@@ -393,8 +393,8 @@ def report(rows: list[dict], command: str) -> str:
         "# What the server learns of a user's items from its client's replies",
         "",
         "Issue 21's leak benchmark: every attack under every client-side defence, and the test HR@20 a "
-        "run with the defence reaches at the table's budget (its change against the same run without "
-        "any defence). Made by:",
+        "run with the defence reaches (its change against the same run without any defence, at the same "
+        "budget: the runs the `--cost` lines name, each with its `config.json`). Made by:",
         "",
         f"    {command}",
         "",
