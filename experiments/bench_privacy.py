@@ -503,7 +503,8 @@ def main() -> None:
     args = parser.parse_args()
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # messages outside a Flower process
     trained = dict(entry.split("=", 1) for entry in args.trained)
-    costs = {tuple(key.split("/", 1)): Path(value) for key, value in (entry.split("=", 1) for entry in args.cost)}
+    # the run folder follows the last "=": defence labels hold some ("local-dp eps=1.0 clip=1.0")
+    costs = {tuple(key.split("/", 1)): Path(value) for key, value in (entry.rsplit("=", 1) for entry in args.cost)}
     try:
         base = {**default_run_config(), **parse_run_config(args.run_config)}
     except ConfigError as error:
