@@ -102,6 +102,28 @@ def quantization_range(replies: int) -> int:
     return MODULUS >> max(2, replies.bit_length())
 
 
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, forgetting the nodes that left before sharing their keys.
+
+    Flower 1.41 keeps every sampled node in the set it unmasks: a node that never answered the setup
+    or the key sharing then counts as dropped after masking, and the unmasking asks its neighbours for
+    shares of keys it never sent, which fails the whole round (an offline node the SuperLink still
+    lists as online does exactly that). Nothing was masked with such a node, so the round goes on
+    without it."""
+
+    def setup_stage(self, grid, context, state) -> bool:
+        return super().setup_stage(grid, context, state) and self._keep_responders(state)
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        return super().share_keys_stage(grid, context, state) and self._keep_responders(state)
+
+    def _keep_responders(self, state) -> bool:
+        kept = set(state.active_node_ids)
+        state.sampled_node_ids = kept
+        state.nid_to_neighbours = {nid: near & kept for nid, near in state.nid_to_neighbours.items() if nid in kept}
+        return self._check_threshold(state)
+
+
 class _RoundCapture(LegacyStrategy):
     """The legacy strategy SecAgg+'s workflow drives: it hands out this exchange's instructions
     and keeps the unmasked mean the workflow passes to ``aggregate_fit``."""
@@ -162,7 +184,7 @@ def _secure_exchange(
     # the workflow's own context: its scratch records stay out of the server's state
     scratch = Context(context.run_id, context.node_id, context.node_config, state, context.run_config)
     shares = min(int(run["secure-aggregation-shares"]), len(messages))
-    workflow = SecAggPlusWorkflow(
+    workflow = _Workflow(
         num_shares=1.0 if shares == len(messages) else shares,  # 1.0: every node is every node's neighbour
         reconstruction_threshold=float(run["secure-aggregation-threshold"]),
         max_weight=max_weight,

@@ -44,17 +44,19 @@ def _history(out: Path) -> list[dict]:
 
 class _Grid(InProcessGrid):
     """The in-process grid, keeping every reply the server receives; ``drop`` (a node id) answers
-    training messages that carry a model with an error, from the moment it gets one."""
+    training messages with an error: those that carry a model (it is lost after sharing its keys),
+    or every one (``offline``: it never answers)."""
 
-    def __init__(self, *args, drop: int = 0, corrupt: int = 0) -> None:
+    def __init__(self, *args, drop: int = 0, offline: bool = False, corrupt: int = 0) -> None:
         super().__init__(*args)
         self.replies: list[Message] = []
-        self.drop, self.corrupt = drop, corrupt
+        self.drop, self.offline, self.corrupt = drop, offline, corrupt
 
     def _deliver(self, message: Message) -> Message:
         content = message.content
         carries_model = "arrays" in content or "fitins.parameters" in content.array_records
-        if message.metadata.dst_node_id == self.drop and message.metadata.message_type == "train" and carries_model:
+        lost = self.offline or carries_model
+        if message.metadata.dst_node_id == self.drop and message.metadata.message_type == "train" and lost:
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "node lost"), reply_to=message)
         reply = super()._deliver(message)
         configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {}) if reply.has_content() else {}
@@ -68,9 +70,9 @@ class _Grid(InProcessGrid):
         return replies
 
 
-def _run(run_config: dict, out: Path, drop: int = 0, corrupt: int = 0) -> _Grid:
+def _run(run_config: dict, out: Path, drop: int = 0, offline: bool = False, corrupt: int = 0) -> _Grid:
     run = check_run_config({**run_config, "out-dir": str(out)}, default_run_config())
-    grid = _Grid(client_app, run, 4, drop=drop, corrupt=corrupt)
+    grid = _Grid(client_app, run, 4, drop=drop, offline=offline, corrupt=corrupt)
     run_rounds(grid, Context(RUN_ID, 0, {}, RecordDict(), run))
     return grid
 
@@ -124,12 +126,13 @@ def test_the_server_receives_masked_vectors_and_no_single_update(bare_run_config
         assert np.mean(vector < 2**22) < 0.02
 
 
-def test_a_node_lost_after_sharing_its_keys_is_unmasked_by_its_neighbours(
-    bare_run_config: dict, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("offline", [False, True], ids=["lost-after-sharing-keys", "offline-from-the-start"])
+def test_a_lost_node_costs_its_update_not_the_round(bare_run_config: dict, tmp_path: Path, offline: bool) -> None:
+    """Lost after sharing its keys, a node is unmasked from its neighbours' shares; offline from the
+    start (Flower 1.41's workflow alone fails that round), it is left out."""
     run = {**bare_run_config, **FEDERATION}
     _run(run, tmp_path / "plain", drop=2)
-    _run({**run, "secure-aggregation": True}, tmp_path / "secure", drop=2)
+    _run({**run, "secure-aggregation": True}, tmp_path / "secure", drop=2, offline=offline)
     history = _history(tmp_path / "secure")
     assert [row["train_failures"] for row in history] == [1, 1] and not any(row["skipped"] for row in history)
     weights, plain_weights = _weights(tmp_path / "secure"), _weights(tmp_path / "plain")
