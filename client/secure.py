@@ -30,7 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from lumosrec.core.errors import LumosError
-from lumosrec.core.evaluation import PROTOCOLS, STAGES
+from lumosrec.core.evaluation import REPLY_METRICS
 
 #: the config keys a secure exchange sends along with the model
 SECURE_KEY = "lumos-secure"  # "train" or "evaluate"
@@ -40,7 +40,7 @@ SCALE_KEY = "lumos-histogram-scale"  # evaluation: the power of two the counts a
 
 def secure_metric_names() -> list[str]:
     """The evaluation metrics, in the order a node sends them as arrays."""
-    return sorted(["num-examples", *(f"{stage}-{protocol}-at-rank" for stage in STAGES for protocol in PROTOCOLS)])
+    return sorted(REPLY_METRICS)
 
 
 #: what a node evaluates: the received model's content -> its reply's content (rank histograms)

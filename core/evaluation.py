@@ -35,6 +35,8 @@ MAX_CUTOFF = max(CUTOFFS)
 PROTOCOLS = ("unmasked", "masked")
 STAGES = ("valid", "test")
 METRIC_NAMES = (*tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in CUTOFFS), f"MRR@{MRR_CUTOFF}")
+#: the metrics of an evaluation reply: the node's user count and one rank histogram per stage and protocol
+REPLY_METRICS = ("num-examples", *(f"{stage}-{protocol}-at-rank" for stage in STAGES for protocol in PROTOCOLS))
 
 
 class Scorer(Protocol):

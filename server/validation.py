@@ -23,15 +23,13 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from lumosrec.client.privacy import hides_history_length
 from lumosrec.core.data import partition_users, run_data
 from lumosrec.core.errors import ConfigError
-from lumosrec.core.evaluation import MAX_CUTOFF, PROTOCOLS, STAGES
+from lumosrec.core.evaluation import MAX_CUTOFF, REPLY_METRICS
 from lumosrec.core.runconfig import cohort_size
 
 #: the metrics of a training reply (the ClientApp's ``train``)
 TRAIN_METRICS = frozenset({"train-loss", "num-examples", "samples-seen"})
-#: the metrics of an evaluation reply: the node's user count and one rank histogram per stage and protocol
-EVALUATE_METRICS = frozenset(
-    {"num-examples", *(f"{stage}-{protocol}-at-rank" for stage in STAGES for protocol in PROTOCOLS)}
-)
+#: the metrics of an evaluation reply (:data:`lumosrec.core.evaluation.REPLY_METRICS`)
+EVALUATE_METRICS = frozenset(REPLY_METRICS)
 #: the metric the strategies weigh by; written by the server (:func:`weigh`)
 WEIGHT_KEY = "aggregation-weight"
 #: how replies are weighed: by their examples (FedAvg), equally, or by their examples up to ``weight-cap``

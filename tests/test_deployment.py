@@ -320,25 +320,29 @@ def test_cli_holding_only_the_ca_certificate_cannot_submit(deployment: tuple[Loo
     assert online(running) == set(running.node_ids)
 
 
+def _fixture_run(root: Path, out: Path, **settings: object) -> dict:
+    """A run on the :func:`deployment` fixture's nodes: tiny model, every node every round."""
+    return {
+        **default_run_config(),
+        "catalog": str(root / "data" / "catalog"),
+        "out-dir": str(out),
+        "fraction-train": 1.0,
+        "eval-every": 1,
+        "hidden-size": 16,
+        "inner-size": 32,
+        "round-timeout": 120.0,
+        **settings,
+    }
+
+
 @pytest.mark.slow
 def test_loopback_deployment_runs_with_a_failing_node(deployment: tuple[LoopbackDeployment, Path]) -> None:
     """2 rounds over TLS through the gateway with registered nodes, one of them with broken data:
     the rounds complete, its failures are counted, and the metrics cover the healthy nodes."""
     running, root = deployment
     out = root / "run"
-    run_config = {
-        **default_run_config(),
-        "catalog": str(root / "data" / "catalog"),
-        "out-dir": str(out),
-        "num-server-rounds": 2,
-        "fraction-train": 1.0,
-        "min-nodes": 3,
-        "eval-every": 1,
-        "hidden-size": 16,
-        "inner-size": 32,
-        "round-timeout": 120.0,
-        "secure-aggregation": False,  # the plain exchange (the next test: the default, secure)
-    }
+    # the plain exchange (the next test: the default, secure)
+    run_config = _fixture_run(root, out, **{"num-server-rounds": 2, "min-nodes": 3, "secure-aggregation": False})
     result = running.run(APP_DIR, run_config, RunFollower(out, rounds=2, total_users=40, progress=False), timeout=600)
     history = json.loads((out / "metrics.json").read_text())
     assert [row["round"] for row in history] == [1, 2]
@@ -359,18 +363,7 @@ def test_deployments_aggregate_securely_by_default(deployment: tuple[LoopbackDep
     healthy nodes' 40 users."""
     running, root = deployment
     out = root / "secure-run"
-    run_config = {
-        **default_run_config(),
-        "catalog": str(root / "data" / "catalog"),
-        "out-dir": str(out),
-        "num-server-rounds": 1,
-        "fraction-train": 1.0,
-        "min-nodes": 2,
-        "eval-every": 1,
-        "hidden-size": 16,
-        "inner-size": 32,
-        "round-timeout": 120.0,
-    }
+    run_config = _fixture_run(root, out, **{"num-server-rounds": 1, "min-nodes": 2})
     running.run(APP_DIR, run_config, RunFollower(out, rounds=1, total_users=40, progress=False), timeout=600)
     history = json.loads((out / "metrics.json").read_text())
     assert [row["round"] for row in history] == [1] and not history[0]["skipped"]
