@@ -30,7 +30,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from lumosrec.core.errors import LumosError
-from lumosrec.core.evaluation import REPLY_METRICS
 
 #: the config keys a secure exchange sends along with the model
 SECURE_KEY = "lumos-secure"  # "train" or "evaluate"
@@ -40,6 +39,10 @@ SCALE_KEY = "lumos-histogram-scale"  # evaluation: the power of two the counts a
 
 def secure_metric_names() -> list[str]:
     """The evaluation metrics, in the order a node sends them as arrays."""
+    # imported here: core.evaluation imports torch, which the ClientApp's key and share
+    # messages should not pay for (lumosrec.client.client_app)
+    from lumosrec.core.evaluation import REPLY_METRICS
+
     return sorted(REPLY_METRICS)
 
 

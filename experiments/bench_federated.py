@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 from bench_cohort_engine import compute_floor_ms, matmul_gflops
 
-from lumosrec.client.client_app import local_optimizer
 from lumosrec.client.cohort import use_batched
+from lumosrec.client.local import local_optimizer
 from lumosrec.client.objectives import objective_for
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.dataset import load_dataset

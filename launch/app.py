@@ -16,8 +16,8 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from lumosrec.client.client_app import OPTIMIZERS
 from lumosrec.client.cohort import ENGINES, batched_refusal
+from lumosrec.client.local import OPTIMIZERS
 from lumosrec.client.objectives import choices as objective_choices
 from lumosrec.client.objectives import objective_for
 from lumosrec.client.threats import ATTACKS, threat_refusal

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumosrec.client.client_app import local_optimizer
+from lumosrec.client.local import local_optimizer
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import node_data, run_data
 from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts, rank_counts

@@ -5,6 +5,8 @@ the plain run, and a node that drops out mid-protocol is unmasked by its neighbo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -177,3 +179,32 @@ def test_auto_aggregates_securely_in_deployments_that_allow_it(
         assert not use_secure_aggregation({**deployment, "strategy": "krum"}, linear=False, sampled_nodes=5)
     assert "secure aggregation is off" in caplog.text and "needs each update" in caplog.text
     assert not use_secure_aggregation(deployment, linear=True, sampled_nodes=2)
+
+
+#: a deployed node's process for one SecAgg+ key message: load the ClientApp, answer the setup stage
+_KEY_MESSAGE_ALONE = """
+import sys
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.task_identity import TaskIdentity
+from lumosrec.client.client_app import app
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0  # as flwr-clientapp sets them
+setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+    Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 2**30, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 1000.0})
+message = Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=1, message_type=MessageType.TRAIN)
+reply = app(message, Context(1, 1, {}, RecordDict(), {}))
+assert not reply.has_error(), reply.error
+assert set(reply.content[RECORD_KEY_CONFIGS]) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
+print("torch" in sys.modules)
+"""
+
+
+def test_a_key_message_spares_the_node_torch() -> None:
+    # a deployed SuperNode starts a ClientApp process per message: SecAgg+'s key messages
+    # should pay for Python and Flower, not for torch and the model as well
+    alone = subprocess.run([sys.executable, "-c", _KEY_MESSAGE_ALONE], capture_output=True, text=True, check=True)
+    assert alone.stdout.strip() == "False"
+    then_trained = _KEY_MESSAGE_ALONE.replace('print("torch"', 'import lumosrec.client.local\nprint("torch"')
+    trained = subprocess.run([sys.executable, "-c", then_trained], capture_output=True, text=True, check=True)
+    assert trained.stdout.strip() == "True"  # the check sees torch where a handler imports it
