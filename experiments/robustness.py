@@ -22,7 +22,8 @@ is scored (attackers' true histories included). The budget is smaller than the t
     python experiments/robustness.py --data-root ../shared/data --out results/robustness \\
         --datasets ml-100k amazon-beauty
 
-writes ``docs/results/robustness/report.md`` and ``robustness.json`` (rows with ``dataset``,
+writes ``docs/results/robustness/report.md`` and ``robustness.json`` over every finished run of the
+study, whichever invocation made it (rows with ``dataset``,
 ``method``, ``aggregator``, ``threat``, ``level``, ``hr20``, ``hr20_drop``, ``ndcg20``,
 ``ndcg20_drop``, ``target_exposure``).
 """
@@ -176,8 +177,9 @@ def report(args: argparse.Namespace, rows: list[dict], budget: Budget, command: 
     lines = [
         "# Noisy and malicious clients: FedAvg-SASRec against LUMOS",
         "",
-        f"Issue 21's robustness study, written by `{command}` (without `--report-only` it makes the missing "
-        f"runs first). Budget: {budget.rounds} rounds x "
+        f"Issue 21's robustness study: every finished run under `{args.out}`, whichever invocation made it; "
+        f"last written by `{command}` (without `--report-only` it makes the runs it asks for first). "
+        f"Budget: {budget.rounds} rounds x "
         f"{budget.fraction_train:g} of the clients x {budget.local_epochs} local epochs, seed {args.seed}. "
         "Test HR@20 / NDCG@20 (unmasked, all users, at the round of the best validation MRR@10), their change "
         "against the clean run of the same method and aggregator, and the promoted item's exposure (share of "
@@ -254,11 +256,14 @@ def main() -> None:
                 run_method(
                     name, str(args.data_root / dataset), folder, args.seed, budget, config, progress=not args.quiet
                 )
-        rows = collect(args)
+        # the report covers the whole study's finished runs, whatever part this invocation ran
+        whole = {"datasets": list(PAIRS), "aggregators": list(AGGREGATORS), "threats": list(THREATS), "levels": "all"}
+        study = argparse.Namespace(**{**vars(args), **whole})
+        rows = collect(study)
     except LumosError as error:  # finished runs stay; the command resumes once the cause is fixed
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    (args.report_dir / "report.md").write_text(report(args, rows, budget, command))
+    (args.report_dir / "report.md").write_text(report(study, rows, budget, command))
     versions = environment()
     write_json(args.report_dir / "robustness.json", [{**row, "versions": versions} for row in rows])
     print(f"written: {args.report_dir / 'report.md'}")
