@@ -12,10 +12,12 @@ All files are written atomically (temporary file + rename).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 from importlib import metadata
@@ -44,9 +46,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+#: the source checkout this package runs from, when it runs from one (an editable install)
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=4)
+def source_revision(root: Path = SOURCE_ROOT) -> str:
+    """The git commit of the code at ``root`` (``+dirty`` when tracked files differ from it), or
+    ``unknown`` when ``root`` is not the top of a git checkout (an installed wheel, a container):
+    the package version alone does not tell two results of a development tree apart."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return "unknown"  # a copy installed inside some other checkout
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def environment() -> dict[str, str]:
     """Versions that decide whether a result can be reproduced."""
-    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    versions = {"python": sys.version.split()[0], "platform": platform.platform(), "source": source_revision()}
     for package in ("lumos-rec", "torch", "numpy", "flwr"):
         try:
             versions[package] = metadata.version(package)

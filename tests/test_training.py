@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from lumosrec.core.dataset import load_dataset
 from lumosrec.core.errors import ConfigError
-from lumosrec.core.results import RESULT_KEYS, read_result
+from lumosrec.core.results import RESULT_KEYS, read_result, source_revision
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.core.training import TrainConfig
 from lumosrec.launch.centralized import run_centralized
@@ -71,7 +72,30 @@ def test_run_directory_schema(sasrec_run: tuple[Path, dict]) -> None:
     assert on_disk["valid"]["unmasked"]["MRR@10"] == best_mrr
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["seed"] == 1 and config["versions"]["torch"]
+    assert config["versions"]["source"] == source_revision()
     assert (out / "model.pt").stat().st_size > 0
+
+
+def test_results_name_the_commit_of_the_code_that_ran(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    (checkout / "core").mkdir(parents=True)
+    (checkout / "core" / "results.py").write_text("first\n")
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    commit = git("rev-parse", "--short=12", "HEAD")
+    assert source_revision(checkout) == commit
+    (checkout / "core" / "results.py").write_text("changed\n")
+    (checkout / "untracked.json").write_text("{}")  # run outputs beside the code are not changes to it
+    source_revision.cache_clear()
+    assert source_revision(checkout) == commit + "+dirty"
+    assert source_revision(checkout / "core") == "unknown"  # a copy inside another checkout is not that checkout
+    assert source_revision(tmp_path) == "unknown"  # an installed package, a container
 
 
 def test_cli_train_cl4srec_and_refuse_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
