@@ -52,7 +52,8 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 @functools.lru_cache(maxsize=4)
 def source_revision(root: Path = SOURCE_ROOT) -> str:
-    """The git commit of the code at ``root`` (``+dirty`` when tracked files differ from it), or
+    """The git commit of the code at ``root`` (``+dirty`` when its tracked code, ``*.py`` and
+    ``*.toml`` with the run config's defaults, differs from it; reports and results do not count), or
     ``unknown`` when ``root`` is not the top of a git checkout (an installed wheel, a container):
     the package version alone does not tell two results of a development tree apart."""
 
@@ -64,7 +65,7 @@ def source_revision(root: Path = SOURCE_ROOT) -> str:
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
             return "unknown"  # a copy installed inside some other checkout
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml")
         return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -28,7 +28,7 @@ from pathlib import Path
 from lumosrec.core.data import load_data
 from lumosrec.core.dataset import sample_users
 from lumosrec.core.errors import LumosError
-from lumosrec.core.results import environment, write_json
+from lumosrec.core.results import environment, source_revision, write_json
 from lumosrec.core.synthetic import write_folder
 from lumosrec.launch.app import APP_DIR, default_run_config
 from lumosrec.launch.deployment import LoopbackDeployment, split_nodes
@@ -82,6 +82,7 @@ def _row(dataset_name: str, data, nodes: int, engine: str, secure: bool, out: Pa
         "eval_seconds": statistics.median(r["eval_seconds"] for r in history),
         "round_seconds": statistics.median(r["round_seconds"] for r in history),
         "test_hr20": result["test"]["unmasked"]["HR@20"],
+        "source": source_revision(),  # rows of several invocations share the report
     }
     print(json.dumps(row), flush=True)
     return row
@@ -139,8 +140,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "Every process (SuperLink, gateway, SuperNodes, executors) shares this machine's cores.",
         "",
         "| dataset | items | values masked per node | nodes | engine | train s (plain) | train s (SecAgg+) | x | "
-        "evaluate s (plain) | evaluate s (SecAgg+) | x | test HR@20 plain / SecAgg+ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "evaluate s (plain) | evaluate s (SecAgg+) | x | test HR@20 plain / SecAgg+ | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pairs: dict[tuple[str, int, str], dict[bool, dict]] = {}
     for row in rows:
@@ -154,13 +155,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             f"{plain['train_seconds']:.1f} | {secure['train_seconds']:.1f} | "
             f"{secure['train_seconds'] / plain['train_seconds']:.2f} | {plain['eval_seconds']:.1f} | "
             f"{secure['eval_seconds']:.1f} | {secure['eval_seconds'] / plain['eval_seconds']:.2f} | "
-            f"{plain['test_hr20']:.4f} / {secure['test_hr20']:.4f} |"
+            f"{plain['test_hr20']:.4f} / {secure['test_hr20']:.4f} | {secure.get('source', '-')} |"
         )
     lines += [
         "",
         "*deployment*: the loopback topology, where Flower 1.41 starts a fresh ClientApp process for every message "
         "(process isolation): SecAgg+'s three extra exchanges per training and per evaluation each pay that start "
-        "(Python, the app's imports, torch). *in-process*: the same federation in one process with no messaging, "
+        "(Python and Flower; torch too before the ClientApp module stopped importing it, commit 889ab01). "
+        "*code*: the commit measured ('-': measured before rows recorded it, all before 889ab01). *in-process*: the same federation in one process with no messaging, "
         "so the difference is the protocol's own computation (keys, shares, masks).",
     ]
     return "\n".join(lines) + "\n"

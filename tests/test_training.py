@@ -80,6 +80,7 @@ def test_results_name_the_commit_of_the_code_that_ran(tmp_path: Path) -> None:
     checkout = tmp_path / "checkout"
     (checkout / "core").mkdir(parents=True)
     (checkout / "core" / "results.py").write_text("first\n")
+    (checkout / "report.md").write_text("first\n")
 
     def git(*args: str) -> str:
         command = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t", *args]
@@ -90,6 +91,9 @@ def test_results_name_the_commit_of_the_code_that_ran(tmp_path: Path) -> None:
     git("commit", "-qm", "first")
     commit = git("rev-parse", "--short=12", "HEAD")
     assert source_revision(checkout) == commit
+    (checkout / "report.md").write_text("a result written since\n")
+    source_revision.cache_clear()
+    assert source_revision(checkout) == commit  # results and reports are not the code
     (checkout / "core" / "results.py").write_text("changed\n")
     (checkout / "untracked.json").write_text("{}")  # run outputs beside the code are not changes to it
     source_revision.cache_clear()
