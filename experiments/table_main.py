@@ -6,7 +6,11 @@ all users of each dataset for several seeds under one :class:`lumosrec.launch.ex
 command writes ``report.md`` (tables, plots, which rows are complete), ``table_main.json`` and one
 PNG of test HR@20 per round per dataset into ``--out``. Runs are folders
 ``<out>/<dataset>/<row>/seed<k>``; finished ones are reused and interrupted ones resume, so the
-table is completed over as many invocations as it takes (``--rows`` picks rows).
+table is completed over as many invocations as it takes (``--rows`` picks rows). Run folders are
+not kept with the code (they are large and hold data): ``--earlier table_main.json`` takes the rows
+that have no run folder here from an earlier report's JSON (summaries, round times, the LLM-subset
+scores; marked "earlier"), so a table outlives the machine that ran it; a row run here replaces its
+earlier summary whole.
 
 * Views (:data:`LUMOS_SETTINGS`): per dataset the view source and future-target horizon that
   issue 17's validation sweep and view-quality report rank first; ``amazon-baby`` and
@@ -14,12 +18,16 @@ table is completed over as many invocations as it takes (``--rows`` picks rows).
 * The LLM (rows ``*-llm-*``): views by LLM ranking of catalog candidates; on the datasets of
   :data:`LLM_SUBSET` for a fixed random subset of ``--llm-users`` users (``--llm-seed``) and text
   retrieval for everyone else. Every run's saved model is then also scored on that subset alone,
-  so the LLM's own contribution shows against the same row with retrieval for everyone.
+  so the LLM's own contribution shows against the same row with retrieval for everyone. The
+  ``*-llm-all-*`` rows give every user LLM views: make them ahead where a GPU is (``lumos views
+  generate --views llm-rank --device cuda``, ~5,000 users/min on an H200) and copy the cache to
+  the nodes, since on this CPU the LLM makes ~11 users/min.
 
 ::
 
     python experiments/table_main.py --data-root ../shared/data --out results/table_main
     python experiments/table_main.py --report-only          # tables and plots from finished runs
+    python experiments/table_main.py --earlier docs/results/table_main/table_main.json ...
 """
 
 from __future__ import annotations
@@ -90,6 +98,8 @@ FEDADAM = {"strategy": "fedadam", "server-learning-rate": 0.02}
 FEDADAM_TEXT_INIT = {**TEXT_INIT, "strategy": "fedadam", "server-learning-rate": 0.01}
 #: the LLM source of the ``*-llm-*`` rows, and the datasets where it writes for a subset only
 LLM_VIEWS = {"views": "llm-rank"}
+#: every user's views from the LLM, also on the datasets of :data:`LLM_SUBSET`
+LLM_VIEWS_ALL = {**LLM_VIEWS, "views-llm-users": 0}
 LLM_SUBSET = ("amazon-beauty",)
 
 #: row label -> (method, run-config overrides); ``lumos`` rows add :data:`LUMOS_SETTINGS` first
@@ -104,7 +114,9 @@ ROWS: dict[str, tuple[str, dict[str, object]]] = {
     "lumos": ("lumos", {}),
     "lumos-text-init": ("lumos", {**TEXT_INIT, **LUMOS_TEXT_INIT}),
     "lumos-fedadam-text-init": ("lumos", {**FEDADAM_TEXT_INIT, **LUMOS_TEXT_INIT}),
+    "lumos-llm": ("lumos", LLM_VIEWS),
     "lumos-llm-text-init": ("lumos", {**TEXT_INIT, **LUMOS_TEXT_INIT, **LLM_VIEWS}),
+    "lumos-llm-all-text-init": ("lumos", {**TEXT_INIT, **LUMOS_TEXT_INIT, **LLM_VIEWS_ALL}),
 }
 #: the rows run on datasets without item text (no text init, no LLM)
 ID_ONLY_ROWS = ("fedavg-sasrec", "lumos")
@@ -163,9 +175,10 @@ def overrides_of(dataset: str, row: str, args: argparse.Namespace) -> tuple[str,
     config = {**NO_DEFENCES, **DATASET_SETTINGS.get(dataset, {}), **parse_run_config(args.run_config)}
     if method == "lumos":
         config.update(LUMOS_SETTINGS.get(dataset, {}))
-    config.update(overrides)
-    if config.get("views") in LLM_MODES and dataset in LLM_SUBSET:
+    # a row may pin its LLM users (``*-llm-all-*``); the others take ``--llm-users``
+    if overrides.get("views", config.get("views")) in LLM_MODES and dataset in LLM_SUBSET:
         config.update({"views-llm-users": args.llm_users, "views-llm-seed": args.llm_seed})
+    config.update(overrides)
     if args.views_root:
         config["views-dir"] = str(args.views_root / dataset)
     return method, config
@@ -222,11 +235,17 @@ def views_label(runs: list[dict]) -> str:
 
 
 def table(
-    found: dict, datasets: list[str], rows_for: Callable[[str], list[str]], args: argparse.Namespace, last: bool = True
+    found: dict,
+    datasets: list[str],
+    rows_for: Callable[[str], list[str]],
+    args: argparse.Namespace,
+    last: bool = True,
+    earlier: Mapping | None = None,
 ) -> tuple[str, dict]:
     """Mean ± std over seeds of each row with finished runs, and how many seeds of how many asked;
     with ``last``, also the federated rows' test HR@20 after the last round (model selection by
-    validation MRR@10 can pick an early round where HR@20 still rises)."""
+    validation MRR@10 can pick an early round where HR@20 still rises). Rows without runs here
+    come from ``earlier`` (this table's payload in an earlier report) when it has them."""
     extra = ["HR@20 last round"] if last else []
     lines = [
         "| dataset | row | seeds | " + " | ".join([*MAIN_METRICS, *extra]) + " | views |",
@@ -236,10 +255,14 @@ def table(
     for dataset in datasets:
         for row in rows_for(dataset):
             runs = found.get(dataset, {}).get(row)
+            asked = len(seeds_of(dataset, row, args)) if row in ROWS else len(args.ablation_seeds)
+            previous = (earlier or {}).get(dataset, {}).get(row)
             if not runs:
+                if previous:
+                    payload.setdefault(dataset, {})[row] = {**previous, "earlier": True}
+                    lines.append(_earlier_line(dataset, row, previous, asked, last))
                 continue
             summary = summarize(runs)
-            asked = len(seeds_of(dataset, row, args)) if row in ROWS else len(args.ablation_seeds)
             payload.setdefault(dataset, {})[row] = {
                 "summary": summary,
                 "views": views_label(runs),
@@ -258,6 +281,15 @@ def table(
                 f"| {dataset} | {row} | {len(runs)}/{asked} | " + " | ".join(cells) + f" | {views_label(runs) or '-'} |"
             )
     return "\n".join(lines), payload
+
+
+def _earlier_line(dataset: str, row: str, previous: Mapping, asked: int, last: bool) -> str:
+    cells = [cell(previous["summary"][m]) for m in MAIN_METRICS]
+    if last:
+        final = previous.get("last_round_hr20")
+        cells.append(f"{final['mean']:.4f}" if final else "-")
+    seeds = f"{len(previous['seeds'])}/{asked} (earlier)"
+    return f"| {dataset} | {row} | {seeds} | " + " | ".join(cells) + f" | {previous.get('views') or '-'} |"
 
 
 def gains_table(payload: dict) -> tuple[str, dict]:
@@ -280,15 +312,20 @@ def gains_table(payload: dict) -> tuple[str, dict]:
     return "\n".join(lines), gains
 
 
-def round_times(found: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """Median training seconds per round of each federated row, and its ratio to ``fedavg-sasrec``."""
+def round_times(found: dict, earlier: Mapping | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Median training seconds per round of each federated row, and its ratio to ``fedavg-sasrec``;
+    rows without runs here keep their ``earlier`` seconds."""
     times: dict = {}
-    for dataset, rows in found.items():
-        medians = {
-            row: statistics.median(r["train_seconds"] for run in runs for r in run["metrics"])
-            for row, runs in rows.items()
-            if federated(row)
-        }
+    for dataset in dict.fromkeys([*found, *(earlier or {})]):
+        rows = found.get(dataset, {})
+        medians = {row: entry["seconds"] for row, entry in (earlier or {}).get(dataset, {}).items() if row not in rows}
+        medians.update(
+            {
+                row: statistics.median(r["train_seconds"] for run in runs for r in run["metrics"])
+                for row, runs in rows.items()
+                if federated(row)
+            }
+        )
         base = medians.get("fedavg-sasrec")
         for row, seconds in medians.items():
             times.setdefault(dataset, {})[row] = {"seconds": seconds, "ratio": seconds / base if base else None}
@@ -350,25 +387,61 @@ def plot_curves(found: dict, out: Path) -> list[Path]:
     return paths
 
 
-def missing_runs(args: argparse.Namespace) -> list[str]:
+def missing_runs(args: argparse.Namespace, payloads: Mapping[str, Mapping]) -> list[str]:
+    """Planned runs with neither a finished folder nor a row (with that seed) in ``payloads``."""
+
+    def reported(dataset: str, row: str, seed: int) -> bool:
+        return any(seed in table.get(dataset, {}).get(row, {}).get("seeds", ()) for table in payloads.values())
+
     return [
         f"{dataset} / {row} / seed {seed}"
         for dataset, row, seed in plan(args)
-        if not (run_folder(args.out, dataset, row, seed) / "result.json").is_file()
+        if not (run_folder(args.out, dataset, row, seed) / "result.json").is_file() and not reported(dataset, row, seed)
     ]
+
+
+def read_earlier(path: Path | None) -> dict:
+    """The payloads of an earlier ``table_main.json`` (empty without ``--earlier``)."""
+    if path is None:
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LumosError(f"cannot read the earlier table {path}: {error}") from None
+    if not isinstance(earlier, dict) or "main" not in earlier:
+        raise LumosError(f"{path} is not a table_main.json (no 'main' table)")
+    return earlier
 
 
 def report(args: argparse.Namespace, budget: Budget) -> Path:
     found = load_runs(args)
-    main, payload = table(found, args.datasets, lambda d: rows_of(d, args.rows), args)
+    earlier = read_earlier(args.earlier)
+    main, payload = table(found, args.datasets, lambda d: rows_of(d, args.rows), args, earlier=earlier.get("main"))
     gains_text, gains = gains_table(payload)
-    ablation, ablation_payload = table(found, args.ablation_datasets, lambda d: [ABLATION_BASE, *args.ablations], args)
+    ablation, ablation_payload = table(
+        found,
+        args.ablation_datasets,
+        lambda d: [ABLATION_BASE, *args.ablations],
+        args,
+        earlier=earlier.get("ablation"),
+    )
     subsets = subset_summaries(found, args)
-    subset_text, subset_payload = table(subsets, list(subsets), lambda d: list(subsets[d]), args, last=False)
+    earlier_subsets = earlier.get("llm_subset_main") or {}
+    subset_datasets = sorted({*subsets, *earlier_subsets} & set(args.datasets))
+    subset_text, subset_payload = table(
+        subsets,
+        subset_datasets,
+        lambda d: [r for r in rows_of(d, args.rows) if r in subsets.get(d, {}) or r in earlier_subsets.get(d, {})],
+        args,
+        last=False,
+        earlier=earlier_subsets,
+    )
     subset_gains_text, subset_gains = gains_table(subset_payload)
-    times = round_times(found)
+    times = round_times(
+        found, {d: rows for d, rows in (earlier.get("round_times") or {}).items() if d in args.datasets}
+    )
     plots = plot_curves(found, args.out)
-    missing = missing_runs(args)
+    missing = missing_runs(args, {"main": payload, "ablation": ablation_payload})
     visits = budget.rounds * budget.fraction_train * budget.local_epochs
     lines = [
         "# LUMOS: results table",
@@ -377,7 +450,13 @@ def report(args: argparse.Namespace, budget: Budget) -> Path:
         f"{budget.local_epochs} local epochs ({visits:.1f} local epochs per user in expectation; "
         f"centralized and local-only: {budget.epochs} epochs, early stopping on validation). All users "
         f"of each dataset; test metrics ({PROTOCOL} full ranking) of the round or epoch with the best "
-        "validation MRR@10, mean ± std over seeds. 'seeds' says how many of the asked seeds are done.",
+        "validation MRR@10, mean ± std over seeds. 'seeds' says how many of the asked seeds are done; "
+        + (
+            f"'earlier': the row's summary from `{args.earlier}` (no run folder here; curves show the "
+            "rows run here only)."
+            if earlier
+            else "every row was run here."
+        ),
         "",
         "## Main table",
         "",
@@ -442,6 +521,7 @@ def report(args: argparse.Namespace, budget: Budget) -> Path:
             "ablation": ablation_payload,
             "round_times": times,
             "missing": missing,
+            "earlier": str(args.earlier) if earlier else None,
         },
     )
     print("\n".join(lines))
@@ -493,6 +573,11 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="run-config overrides of every run (TOML-typed)")
     parser.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"))
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        help="an earlier table_main.json: its rows fill in those without a run folder under --out",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     absent = sorted({d for d in (*args.datasets, *args.ablation_datasets) if not (args.data_root / d).is_dir()})

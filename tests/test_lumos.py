@@ -258,7 +258,7 @@ def test_llm_views_are_made_once_before_the_federation(run_config: dict, tiny_mo
         "sample-users": 12,
     }
     report = OBJECTIVES["lumos"].prepare_ahead(run_config, progress=False)
-    assert report["stats"]["made"] == 12
+    assert report["stats"]["made"] == 12 and report["model"]["loaded"]
     data = node_data(run_config, {"partition-id": 0, "num-partitions": 1})
     settings = ViewSettings.from_config(run_config, {})
     views = client_views(data.dataset, data.users.tolist(), data.split.train, settings)
@@ -270,7 +270,9 @@ def test_llm_views_are_made_once_before_the_federation(run_config: dict, tiny_mo
         if maker.generator is not None
     ]
     assert loaded and all(generator is None for generator in loaded)
-    assert OBJECTIVES["lumos"].prepare_ahead(run_config, progress=False)["stats"]["from_cache"] == 12
+    # nor did the launcher, the second time: every view was cached
+    again = OBJECTIVES["lumos"].prepare_ahead(run_config, progress=False)
+    assert again["stats"]["from_cache"] == 12 and not again["model"]["loaded"]
 
 
 @pytest.mark.slow
@@ -394,6 +396,28 @@ def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_
     report = (out / "report.md").read_text()
     assert "| amazon-beauty | w/o future | 1/1 |" in report and f"curve_{data.name}.png" in report
     assert summary["missing"] == [] and "## Not yet run (0)" in report
+    # another machine, without the run folders: the rows come back from the committed JSON
+    elsewhere = tmp_path / "elsewhere"
+    carried = subprocess.run(
+        [
+            *command[: command.index("--out")],
+            *("--out", str(elsewhere), "--earlier", str(out / "table_main.json"), "--report-only"),
+            *command[command.index("--datasets") :],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert carried.returncode == 0, carried.stderr[-3000:]
+    rebuilt = json.loads((elsewhere / "table_main.json").read_text())
+    assert {row: entry["summary"] for row, entry in rebuilt["main"][data.name].items()} == {
+        row: entry["summary"] for row, entry in main.items()
+    }
+    assert all(entry["earlier"] for entry in rebuilt["main"][data.name].values())
+    assert rebuilt["gains"] == summary["gains"] and rebuilt["missing"] == []
+    assert rebuilt["round_times"] == summary["round_times"]
+    assert f"| {data.name} | lumos | 2/2 (earlier) |" in (elsewhere / "report.md").read_text()
     lumos_result = out / data.name / "lumos" / "seed1" / "result.json"
     written = lumos_result.stat().st_mtime_ns
     again = subprocess.run(

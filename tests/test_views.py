@@ -180,6 +180,16 @@ def test_retrieval_views_without_text_use_the_models_item_embeddings(dataset, tm
     assert all(v["items"] == 5 * dataset.num_users for v in report["stats"]["views"].values())
 
 
+def test_cached_item_vectors_spare_loading_the_encoder(dataset, tmp_path: Path) -> None:
+    first = TextEncoder()
+    made = ItemSpace.from_text(dataset.titles, first, tmp_path)
+    assert first.loaded
+    # a node (or a GPU box without the encoder's weights) whose catalog vectors are cached
+    second = TextEncoder()
+    reused = ItemSpace.from_text(dataset.titles, second, tmp_path)
+    assert not second.loaded and np.array_equal(reused.vectors, made.vectors)
+
+
 def test_model_names_resolve_or_fail_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("smollm2-135m").location.endswith(".gguf")
     with pytest.raises(ConfigError, match="not found"):
