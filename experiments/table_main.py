@@ -52,6 +52,7 @@ from lumosrec.launch.tables import (
     cell,
     gain,
     gain_cell,
+    pooled,
     run_folder,
     saved_model_metrics,
     slug,
@@ -263,23 +264,35 @@ def table(
                     lines.append(_earlier_line(dataset, row, previous, asked, last))
                 continue
             summary = summarize(runs)
+            # seeds run here add to an earlier summary of other seeds; a seed run again replaces it
+            added = previous and not set(previous["seeds"]) & {run["seed"] for run in runs}
+            if added:
+                summary = pooled(previous["summary"], summary)
+            seeds = [*(previous["seeds"] if added else ()), *(run["seed"] for run in runs)]
             payload.setdefault(dataset, {})[row] = {
                 "summary": summary,
                 "views": views_label(runs),
-                "seeds": [run["seed"] for run in runs],
-                "complete": len(runs) >= asked,
+                "seeds": seeds,
+                "complete": len(seeds) >= asked,
             }
+            if added:
+                payload[dataset][row]["earlier_seeds"] = previous["seeds"]
             cells = [cell(summary[m]) for m in MAIN_METRICS]
             if last:
                 finals = [
                     run["result"]["final_test"][PROTOCOL]["HR@20"] for run in runs if run["result"].get("final_test")
                 ]
-                if finals:
-                    payload[dataset][row]["last_round_hr20"] = {"mean": statistics.fmean(finals), "n": len(finals)}
-                cells.append(f"{statistics.fmean(finals):.4f}" if finals else "-")
-            lines.append(
-                f"| {dataset} | {row} | {len(runs)}/{asked} | " + " | ".join(cells) + f" | {views_label(runs) or '-'} |"
-            )
+                final = {"mean": statistics.fmean(finals), "n": len(finals)} if finals else None
+                earlier_final = previous.get("last_round_hr20") if added else None
+                if final and earlier_final:
+                    n = final["n"] + earlier_final["n"]
+                    total = final["mean"] * final["n"] + earlier_final["mean"] * earlier_final["n"]
+                    final = {"mean": total / n, "n": n}
+                if final:
+                    payload[dataset][row]["last_round_hr20"] = final
+                cells.append(f"{final['mean']:.4f}" if final else "-")
+            done = f"{len(seeds)}/{asked}" + (f" ({len(previous['seeds'])} earlier)" if added else "")
+            lines.append(f"| {dataset} | {row} | {done} | " + " | ".join(cells) + f" | {views_label(runs) or '-'} |")
     return "\n".join(lines), payload
 
 

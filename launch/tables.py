@@ -46,6 +46,20 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def pooled(first: dict[str, dict[str, float]], second: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Two :func:`summarize` results of disjoint seeds as one: the mean and sample standard
+    deviation of all their runs, from each part's mean, deviation and count alone (an earlier
+    session's summary plus the seeds run since)."""
+    summary = {}
+    for metric in first:
+        a, b = first[metric], second[metric]
+        n = a["n"] + b["n"]
+        mean = (a["n"] * a["mean"] + b["n"] * b["mean"]) / n
+        squares = sum((part["n"] - 1) * part["std"] ** 2 + part["n"] * (part["mean"] - mean) ** 2 for part in (a, b))
+        summary[metric] = {"mean": mean, "std": math.sqrt(squares / (n - 1)), "n": n}
+    return summary
+
+
 def gain(method: dict, baseline: dict) -> dict[str, float | bool]:
     """Relative gain of the means, whether the difference exceeds twice its standard error, and
     whether that could be told (a side with one seed has no measured noise)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from lumosrec.core.data import node_data, run_data
 from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.launch.app import default_run_config
 from lumosrec.launch.simulate import simulate
+from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL
 from lumosrec.models.lumos import LUMOS, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 
@@ -396,12 +398,20 @@ def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_
     report = (out / "report.md").read_text()
     assert "| amazon-beauty | w/o future | 1/1 |" in report and f"curve_{data.name}.png" in report
     assert summary["missing"] == [] and "## Not yet run (0)" in report
-    # another machine, without the run folders: the rows come back from the committed JSON
+    # another machine, without the run folders: the rows come back from the committed JSON, and
+    # a seed run there adds to a row whose other seed an earlier session ran
     elsewhere = tmp_path / "elsewhere"
+    earlier = json.loads((out / "table_main.json").read_text())
+    seed1 = json.loads((out / data.name / "lumos" / "seed1" / "result.json").read_text())["test"][PROTOCOL]
+    earlier["main"][data.name]["lumos"].update(
+        seeds=[1], summary={m: {"mean": seed1[m], "std": 0.0, "n": 1} for m in MAIN_METRICS}
+    )
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    shutil.copytree(out / data.name / "lumos" / "seed2", elsewhere / data.name / "lumos" / "seed2")
     carried = subprocess.run(
         [
             *command[: command.index("--out")],
-            *("--out", str(elsewhere), "--earlier", str(out / "table_main.json"), "--report-only"),
+            *("--out", str(elsewhere), "--earlier", str(tmp_path / "earlier.json"), "--report-only"),
             *command[command.index("--datasets") :],
         ],
         capture_output=True,
@@ -411,13 +421,15 @@ def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_
     )
     assert carried.returncode == 0, carried.stderr[-3000:]
     rebuilt = json.loads((elsewhere / "table_main.json").read_text())
-    assert {row: entry["summary"] for row, entry in rebuilt["main"][data.name].items()} == {
-        row: entry["summary"] for row, entry in main.items()
-    }
-    assert all(entry["earlier"] for entry in rebuilt["main"][data.name].values())
-    assert rebuilt["gains"] == summary["gains"] and rebuilt["missing"] == []
-    assert rebuilt["round_times"] == summary["round_times"]
-    assert f"| {data.name} | lumos | 2/2 (earlier) |" in (elsewhere / "report.md").read_text()
+    for row, entry in rebuilt["main"][data.name].items():
+        assert entry["seeds"] == main[row]["seeds"]
+        for metric in MAIN_METRICS:
+            assert entry["summary"][metric] == pytest.approx(main[row]["summary"][metric])
+    assert all(entry["earlier"] for row, entry in rebuilt["main"][data.name].items() if row != "lumos")
+    assert rebuilt["main"][data.name]["lumos"]["earlier_seeds"] == [1] and rebuilt["missing"] == []
+    text = (elsewhere / "report.md").read_text()
+    assert f"| {data.name} | fedavg-sasrec | 2/2 (earlier) |" in text
+    assert f"| {data.name} | lumos | 2/2 (1 earlier) |" in text
     lumos_result = out / data.name / "lumos" / "seed1" / "result.json"
     written = lumos_result.stat().st_mtime_ns
     again = subprocess.run(
