@@ -128,6 +128,7 @@ BASELINES = (
     "fedavg-sasrec",
     "fedadam-sasrec",
     "fedavg-sasrec-text-init",
+    "fedadam-sasrec-text-init",
     "fed-cl4srec",
 )
 #: the LUMOS row whose views the ablations take apart
