@@ -305,6 +305,18 @@ def test_only_the_fixed_llm_subset_gets_llm_views_and_the_others_text_retrieval(
     assert "(3 users, seed 5)" in objective_for(run_config).result_details(run_config)["views"]
 
 
+def _table_again(command: list[str], start: str, end: str, *arguments: str) -> None:
+    """``command`` with its flags from ``start`` up to ``end`` replaced by ``arguments``; must succeed."""
+    done = subprocess.run(
+        [*command[: command.index(start)], *arguments, *command[command.index(end) :]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_model_dir: Path) -> None:
     # named as the dataset whose LLM views cover a fixed subset of users
@@ -408,18 +420,16 @@ def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_
     )
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     shutil.copytree(out / data.name / "lumos" / "seed2", elsewhere / data.name / "lumos" / "seed2")
-    carried = subprocess.run(
-        [
-            *command[: command.index("--out")],
-            *("--out", str(elsewhere), "--earlier", str(tmp_path / "earlier.json"), "--report-only"),
-            *command[command.index("--datasets") :],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    _table_again(
+        command,
+        "--out",
+        "--datasets",
+        "--out",
+        str(elsewhere),
+        "--earlier",
+        str(tmp_path / "earlier.json"),
+        "--report-only",
     )
-    assert carried.returncode == 0, carried.stderr[-3000:]
     rebuilt = json.loads((elsewhere / "table_main.json").read_text())
     for row, entry in rebuilt["main"][data.name].items():
         assert entry["seeds"] == main[row]["seeds"]
@@ -432,18 +442,7 @@ def test_every_row_runs_through_one_runner_into_one_report(tmp_path: Path, tiny_
     assert f"| {data.name} | lumos | 2/2 (1 earlier) |" in text
     lumos_result = out / data.name / "lumos" / "seed1" / "result.json"
     written = lumos_result.stat().st_mtime_ns
-    again = subprocess.run(
-        [
-            *command[: command.index("--rows")],
-            *("--rows", "lumos", "fed-cl4srec", "--seeds", "1", "--ablation-datasets"),
-            *command[command.index("--rounds") :],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    _table_again(command, "--rows", "--rounds", "--rows", "lumos", "fed-cl4srec", "--seeds", "1", "--ablation-datasets")
     assert lumos_result.stat().st_mtime_ns == written  # finished runs are reused, not rerun
     assert json.loads((out / "table_main.json").read_text())["main"][data.name]["fed-cl4srec"]["seeds"] == [1]
 
