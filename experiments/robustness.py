@@ -25,7 +25,10 @@ is scored (attackers' true histories included). The budget is smaller than the t
 writes ``docs/results/robustness/report.md`` and ``robustness.json`` over every finished run of the
 study, whichever invocation made it (rows with ``dataset``,
 ``method``, ``aggregator``, ``threat``, ``level``, ``hr20``, ``hr20_drop``, ``ndcg20``,
-``ndcg20_drop``, ``target_exposure``).
+``ndcg20_drop``, ``target_exposure``). Run folders are not kept with the code (they are large and
+hold data): ``--earlier docs/results/robustness/robustness.json`` takes the runs that have no folder
+here from an earlier report's rows (marked "earlier" and keeping their own versions), so the study
+can be completed on another machine; a run made here replaces its earlier row.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from lumosrec.core.dataset import Dataset
 from lumosrec.core.errors import LumosError
 from lumosrec.core.results import environment, read_result, write_json
 from lumosrec.launch.experiment import Budget, run_method
-from lumosrec.launch.tables import PROTOCOL, slug
+from lumosrec.launch.tables import PROTOCOL, read_earlier_report, slug
 from lumosrec.models.factory import build_model
 
 if __package__ in (None, ""):  # run as a script: the table's rows come from the sibling script
@@ -133,32 +136,52 @@ def target_exposure(model_file: Path, dataset: Dataset, target: int, batch_size:
     return exposed / len(histories)
 
 
-def collect(args: argparse.Namespace) -> list[dict]:
-    """One row per finished run, with its drop against the clean run of its method and aggregator."""
+#: what identifies one run of the study in a row
+RUN_KEYS = ("dataset", "method", "aggregator", "threat", "level", "seed")
+
+
+def read_earlier(path: Path | None) -> dict[tuple, dict]:
+    """The rows of an earlier ``robustness.json`` by run (empty without ``--earlier``)."""
+    if path is None:
+        return {}
+    rows = read_earlier_report(path, list, "robustness.json (a list of rows)")
+    if not all(isinstance(row, dict) and all(key in row for key in (*RUN_KEYS, "hr20", "ndcg20")) for row in rows):
+        raise LumosError(f"{path} is not a robustness.json (rows without {', '.join(RUN_KEYS)}, hr20, ndcg20)")
+    return {tuple(row[key] for key in RUN_KEYS): {**row, "earlier": str(path)} for row in rows}
+
+
+def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) -> list[dict]:
+    """One row per finished run, or per run of ``earlier`` without a folder here, with its drop
+    against the clean run of its method and aggregator."""
     rows, clean = [], {}
     targets: dict[str, tuple[Dataset, int]] = {}
+    versions = environment()
     for dataset, method, aggregator, threat, level in plan(args):
         folder = run_dir(args, dataset, method, aggregator, threat, level)
-        if not (folder / "result.json").is_file():
+        if (folder / "result.json").is_file():
+            if dataset not in targets:
+                data = load_data(str(args.data_root / dataset))
+                targets[dataset] = (data, target_item({"seed": args.seed}, data))
+            data, target = targets[dataset]
+            test = read_result(folder / "result.json")["test"][PROTOCOL]
+            row = {
+                "dataset": dataset,
+                "method": method,
+                "aggregator": aggregator,
+                "threat": threat,
+                "level": level,
+                "seed": args.seed,
+                "hr20": test["HR@20"],
+                "ndcg20": test["NDCG@20"],
+                "target_item": target,
+                "target_exposure": target_exposure(folder / "model.pt", data, target),
+                "folder": str(folder),
+                "versions": versions,
+            }
+        elif (dataset, method, aggregator, threat, level, args.seed) in (earlier or {}):
+            row = dict(earlier[(dataset, method, aggregator, threat, level, args.seed)])
+        else:
             continue
-        if dataset not in targets:
-            data = load_data(str(args.data_root / dataset))
-            targets[dataset] = (data, target_item({"seed": args.seed}, data))
-        data, target = targets[dataset]
-        test = read_result(folder / "result.json")["test"][PROTOCOL]
-        row = {
-            "dataset": dataset,
-            "method": method,
-            "aggregator": aggregator,
-            "threat": threat,
-            "level": level,
-            "seed": args.seed,
-            "hr20": test["HR@20"],
-            "ndcg20": test["NDCG@20"],
-            "target_item": target,
-            "target_exposure": target_exposure(folder / "model.pt", data, target),
-            "folder": str(folder),
-        }
         if threat == "clean":
             clean[(dataset, method, aggregator)] = row
         base = clean.get((dataset, method, aggregator))
@@ -173,7 +196,8 @@ def _drop(value: float | None) -> str:
 
 
 def report(args: argparse.Namespace, rows: list[dict], budget: Budget, command: str) -> str:
-    missing = [str(run_dir(args, *run)) for run in plan(args) if not (run_dir(args, *run) / "result.json").is_file()]
+    reported = {tuple(row[key] for key in RUN_KEYS[:-1]) for row in rows}
+    missing = [str(run_dir(args, *run)) for run in plan(args) if run not in reported]
     lines = [
         "# Noisy and malicious clients: FedAvg-SASRec against LUMOS",
         "",
@@ -183,14 +207,20 @@ def report(args: argparse.Namespace, rows: list[dict], budget: Budget, command: 
         f"{budget.fraction_train:g} of the clients x {budget.local_epochs} local epochs, seed {args.seed}. "
         "Test HR@20 / NDCG@20 (unmasked, all users, at the round of the best validation MRR@10), their change "
         "against the clean run of the same method and aggregator, and the promoted item's exposure (share of "
-        f"users whose top {TOP} holds it).",
+        f"users whose top {TOP} holds it)."
+        + (
+            f" Rows marked 'earlier' come from `{args.earlier}` (their run folders are not on this machine)."
+            if args.earlier
+            else ""
+        ),
         "",
         "| dataset | method | aggregator | threat | level | HR@20 | change | NDCG@20 | change | target exposure |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        method = row["method"] + (" (earlier)" if row.get("earlier") else "")
         lines.append(
-            f"| {row['dataset']} | {row['method']} | {row['aggregator']} | {row['threat']} | {row['level']:g} | "
+            f"| {row['dataset']} | {method} | {row['aggregator']} | {row['threat']} | {row['level']:g} | "
             f"{row['hr20']:.4f} | {_drop(row['hr20_drop'])} | {row['ndcg20']:.4f} | {_drop(row['ndcg20_drop'])} | "
             f"{row['target_exposure']:.4f} |"
         )
@@ -240,6 +270,11 @@ def main() -> None:
     )
     parser.add_argument("--run-config", default="", help="run-config overrides of every run (TOML-typed)")
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        help="an earlier robustness.json: its rows fill in the runs without a folder under --out",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     absent = sorted(d for d in args.datasets if not (args.data_root / d).is_dir())
@@ -259,13 +294,12 @@ def main() -> None:
         # the report covers the whole study's finished runs, whatever part this invocation ran
         whole = {"datasets": list(PAIRS), "aggregators": list(AGGREGATORS), "threats": list(THREATS), "levels": "all"}
         study = argparse.Namespace(**{**vars(args), **whole})
-        rows = collect(study)
+        rows = collect(study, read_earlier(args.earlier))
     except LumosError as error:  # finished runs stay; the command resumes once the cause is fixed
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     args.report_dir.mkdir(parents=True, exist_ok=True)
     (args.report_dir / "report.md").write_text(report(study, rows, budget, command))
-    versions = environment()
-    write_json(args.report_dir / "robustness.json", [{**row, "versions": versions} for row in rows])
+    write_json(args.report_dir / "robustness.json", rows)
     print(f"written: {args.report_dir / 'report.md'}")
 
 

@@ -53,6 +53,7 @@ from lumosrec.launch.tables import (
     gain,
     gain_cell,
     pooled,
+    read_earlier_report,
     run_folder,
     saved_model_metrics,
     slug,
@@ -418,11 +419,8 @@ def read_earlier(path: Path | None) -> dict:
     """The payloads of an earlier ``table_main.json`` (empty without ``--earlier``)."""
     if path is None:
         return {}
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise LumosError(f"cannot read the earlier table {path}: {error}") from None
-    if not isinstance(earlier, dict) or "main" not in earlier:
+    earlier = read_earlier_report(path, dict, "table_main.json")
+    if "main" not in earlier:
         raise LumosError(f"{path} is not a table_main.json (no 'main' table)")
     return earlier
 

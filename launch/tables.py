@@ -5,6 +5,7 @@ Shared by the experiment runners (``experiments/table_main.py``, ``experiments/t
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from lumosrec.core.dataset import Dataset
+from lumosrec.core.errors import LumosError
 from lumosrec.core.evaluation import evaluate, leave_one_out
 from lumosrec.models.factory import build_model
 
@@ -31,6 +33,18 @@ def slug(label: str) -> str:
 def run_folder(out: Path, dataset: str, label: str, seed: int) -> Path:
     """``<out>/<dataset>/<label>/seed<k>``: one run of a table."""
     return out / dataset / slug(label) / f"seed{seed}"
+
+
+def read_earlier_report(path: Path, kind: type, what: str) -> dict | list:
+    """An earlier report's JSON (``--earlier``), which must be a ``kind``: a table outlives the run
+    folders of the machine that ran it (they are not committed). ``what`` names the file in errors."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LumosError(f"cannot read the earlier report {path}: {error}") from None
+    if not isinstance(earlier, kind):
+        raise LumosError(f"{path} is not a {what}")
+    return earlier
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:

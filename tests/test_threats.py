@@ -3,6 +3,8 @@ client's training and reply, and cohorts whose users misbehave as their own node
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from pathlib import Path
 
@@ -11,11 +13,11 @@ import pytest
 import torch
 
 from experiments.bench_privacy import client_reply
-from experiments.robustness import target_exposure
+from experiments.robustness import collect, read_earlier, report, target_exposure
 from lumosrec.client.objectives import OBJECTIVES
 from lumosrec.client.threats import cold_item, malicious_users, training_data
 from lumosrec.core.data import load_data, node_data
-from lumosrec.core.errors import ConfigError
+from lumosrec.core.errors import ConfigError, LumosError
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.launch.experiment import Budget, run_method
 from tests.test_cohort import _global_weights
@@ -111,3 +113,55 @@ def test_promoters_push_the_target_into_other_users_top_20(small_catalog: Path, 
         )
         exposure[name] = target_exposure(tmp_path / name / "model.pt", dataset, target)
     assert exposure["clean"] < 0.1 and exposure["promoted"] > exposure["clean"] + 0.15
+
+
+def _study_row(method: str, threat: str, level: float, hr20: float, seed: int = 2024) -> dict:
+    return {
+        "dataset": "ml-100k",
+        "method": method,
+        "aggregator": "fedavg",
+        "threat": threat,
+        "level": level,
+        "seed": seed,
+        "hr20": hr20,
+        "ndcg20": hr20 / 2,
+        "target_exposure": 0.0,
+        "versions": {"source": "earlier-commit"},
+    }
+
+
+def test_an_earlier_report_fills_the_runs_that_have_no_folder_here(tmp_path: Path) -> None:
+    earlier = tmp_path / "robustness.json"
+    rows = [
+        _study_row("fedavg-sasrec", "clean", 0.0, 0.20),
+        _study_row("fedavg-sasrec", "sign-flip", 0.2, 0.05),
+        _study_row("lumos", "clean", 0.0, 0.30, seed=2025),  # another seed's study
+    ]
+    earlier.write_text(json.dumps(rows))
+    study = argparse.Namespace(
+        datasets=["ml-100k"], aggregators=["fedavg"], threats=["sign-flip"], levels="highest", seed=2024,
+        out=tmp_path / "runs", data_root=tmp_path, earlier=earlier,
+    )  # fmt: skip
+    found = collect(study, read_earlier(earlier))
+    assert [(row["method"], row["threat"]) for row in found] == [
+        ("fedavg-sasrec", "clean"),
+        ("fedavg-sasrec", "sign-flip"),
+    ]
+    # the drop is against the clean run, and each row keeps the versions of the run that made it
+    assert found[1]["hr20_drop"] == pytest.approx(0.75) and found[1]["versions"] == {"source": "earlier-commit"}
+    text = report(study, found, Budget(20, 0.1, 3), "robustness.py --earlier")
+    assert "| ml-100k | fedavg-sasrec (earlier) | fedavg | sign-flip | 0.2 | 0.0500 | -75.0% |" in text
+    not_run = text.split("## Not yet run")[1]
+    assert "lumos/fedavg/clean" in not_run and "fedavg-sasrec/fedavg" not in not_run
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "cannot read the earlier report"), ('{"main": {}}', "is not a robustness.json"), ("[{}]", "rows without")],
+)
+def test_an_unreadable_earlier_report_is_a_clear_error(tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "robustness.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(LumosError, match=message):
+        read_earlier(path)
