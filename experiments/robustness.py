@@ -27,8 +27,9 @@ study, whichever invocation made it (rows with ``dataset``,
 ``method``, ``aggregator``, ``threat``, ``level``, ``hr20``, ``hr20_drop``, ``ndcg20``,
 ``ndcg20_drop``, ``target_exposure``). Run folders are not kept with the code (they are large and
 hold data): ``--earlier docs/results/robustness/robustness.json`` takes the runs that have no folder
-here from an earlier report's rows (marked "earlier" and keeping their own versions), so the study
-can be completed on another machine; a run made here replaces its earlier row.
+here from an earlier report's rows (marked "earlier" and keeping their own versions) and does not
+make them again, so the study is completed on another machine (runs are deterministic per seed on
+CPU); a run folder here is resumed instead and, once finished, replaces its earlier row.
 """
 
 from __future__ import annotations
@@ -283,18 +284,22 @@ def main() -> None:
     budget = Budget(args.rounds, args.fraction_train, args.local_epochs)
     command = "python experiments/robustness.py " + " ".join(sys.argv[1:])
     try:
+        earlier = read_earlier(args.earlier)
         if not args.report_only:
             for dataset, method, aggregator, threat, level in plan(args):
                 name, config = config_of(args, dataset, method, aggregator, threat, level)
                 print(f"== {dataset} / {method} / {aggregator} / {threat} {level:g}", flush=True)
                 folder = run_dir(args, dataset, method, aggregator, threat, level)
+                if not folder.is_dir() and (dataset, method, aggregator, threat, level, args.seed) in earlier:
+                    print(f"   finished earlier: its row in {args.earlier}", flush=True)
+                    continue
                 run_method(
                     name, str(args.data_root / dataset), folder, args.seed, budget, config, progress=not args.quiet
                 )
         # the report covers the whole study's finished runs, whatever part this invocation ran
         whole = {"datasets": list(PAIRS), "aggregators": list(AGGREGATORS), "threats": list(THREATS), "levels": "all"}
         study = argparse.Namespace(**{**vars(args), **whole})
-        rows = collect(study, read_earlier(args.earlier))
+        rows = collect(study, earlier)
     except LumosError as error:  # finished runs stay; the command resumes once the cause is fixed
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     args.report_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,10 @@ client's training and reply, and cohorts whose users misbehave as their own node
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,12 @@ import pytest
 import torch
 
 from experiments.bench_privacy import client_reply
-from experiments.robustness import collect, read_earlier, report, target_exposure
+from experiments.robustness import read_earlier, target_exposure
 from lumosrec.client.objectives import OBJECTIVES
 from lumosrec.client.threats import cold_item, malicious_users, training_data
 from lumosrec.core.data import load_data, node_data
 from lumosrec.core.errors import ConfigError, LumosError
+from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.launch.experiment import Budget, run_method
 from tests.test_cohort import _global_weights
@@ -115,44 +117,40 @@ def test_promoters_push_the_target_into_other_users_top_20(small_catalog: Path, 
     assert exposure["clean"] < 0.1 and exposure["promoted"] > exposure["clean"] + 0.15
 
 
-def _study_row(method: str, threat: str, level: float, hr20: float, seed: int = 2024) -> dict:
-    return {
-        "dataset": "ml-100k",
-        "method": method,
-        "aggregator": "fedavg",
-        "threat": threat,
-        "level": level,
-        "seed": seed,
-        "hr20": hr20,
-        "ndcg20": hr20 / 2,
-        "target_exposure": 0.0,
-        "versions": {"source": "earlier-commit"},
-    }
-
-
-def test_an_earlier_report_fills_the_runs_that_have_no_folder_here(tmp_path: Path) -> None:
+def test_the_robustness_study_completes_an_earlier_report(tmp_path: Path) -> None:
+    # named as a dataset of the study; its clean runs come from an earlier report, not from runs here
+    write_folder(generate(SyntheticConfig(num_users=60, items_per_category=10, seed=5)), tmp_path / "data" / "ml-100k")
     earlier = tmp_path / "robustness.json"
-    rows = [
-        _study_row("fedavg-sasrec", "clean", 0.0, 0.20),
-        _study_row("fedavg-sasrec", "sign-flip", 0.2, 0.05),
-        _study_row("lumos", "clean", 0.0, 0.30, seed=2025),  # another seed's study
+    clean = {"dataset": "ml-100k", "aggregator": "fedavg", "threat": "clean", "level": 0.0, "seed": 2024}
+    clean_rows = [
+        {**clean, "method": method, "hr20": 0.5, "ndcg20": 0.25, "target_exposure": 0.0, "versions": {"source": "x"}}
+        for method in ("fedavg-sasrec", "lumos")
     ]
-    earlier.write_text(json.dumps(rows))
-    study = argparse.Namespace(
-        datasets=["ml-100k"], aggregators=["fedavg"], threats=["sign-flip"], levels="highest", seed=2024,
-        out=tmp_path / "runs", data_root=tmp_path, earlier=earlier,
-    )  # fmt: skip
-    found = collect(study, read_earlier(earlier))
-    assert [(row["method"], row["threat"]) for row in found] == [
-        ("fedavg-sasrec", "clean"),
-        ("fedavg-sasrec", "sign-flip"),
+    earlier.write_text(json.dumps(clean_rows))
+    out, report_dir = tmp_path / "runs", tmp_path / "report"
+    command = [
+        sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / "robustness.py"),
+        "--data-root", str(tmp_path / "data"), "--out", str(out), "--report-dir", str(report_dir),
+        "--datasets", "ml-100k", "--aggregators", "fedavg", "--threats", "sign-flip", "--levels", "highest",
+        "--rounds", "1", "--fraction-train", "1", "--local-epochs", "1", "--earlier", str(earlier), "--quiet",
+        "--run-config", "hidden-size=16 inner-size=32 cohort-size=20",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((report_dir / "robustness.json").read_text())
+    assert [(row["method"], row["threat"], bool(row.get("earlier"))) for row in rows] == [
+        ("fedavg-sasrec", "clean", True),
+        ("fedavg-sasrec", "sign-flip", False),
+        ("lumos", "clean", True),
+        ("lumos", "sign-flip", False),
     ]
-    # the drop is against the clean run, and each row keeps the versions of the run that made it
-    assert found[1]["hr20_drop"] == pytest.approx(0.75) and found[1]["versions"] == {"source": "earlier-commit"}
-    text = report(study, found, Budget(20, 0.1, 3), "robustness.py --earlier")
-    assert "| ml-100k | fedavg-sasrec (earlier) | fedavg | sign-flip | 0.2 | 0.0500 | -75.0% |" in text
-    not_run = text.split("## Not yet run")[1]
-    assert "lumos/fedavg/clean" in not_run and "fedavg-sasrec/fedavg" not in not_run
+    assert not (out / "ml-100k" / "fedavg-sasrec" / "fedavg" / "clean").exists()  # not made again
+    for row in rows[1::2]:  # made here, and its drop is against the earlier clean run
+        assert row["hr20_drop"] == pytest.approx(1 - row["hr20"] / 0.5) and row["versions"] != {"source": "x"}
+    text = (report_dir / "report.md").read_text()
+    assert (
+        "| ml-100k | lumos (earlier) | fedavg | clean |" in text and "/ml-100k/lumos/fedavg/sign-flip-0.2/" not in text
+    )
 
 
 @pytest.mark.parametrize(
