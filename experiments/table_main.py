@@ -122,6 +122,8 @@ ROWS: dict[str, tuple[str, dict[str, object]]] = {
 }
 #: the rows run on datasets without item text (no text init, no LLM)
 ID_ONLY_ROWS = ("fedavg-sasrec", "lumos")
+#: rows whose LLM writes for a subset of users on :data:`LLM_SUBSET` only
+SUBSET_ROWS = ("lumos-llm-text-init",)
 #: baselines each LUMOS row is compared against
 BASELINES = (
     "centralized-sasrec",
@@ -160,7 +162,13 @@ def federated(row: str) -> bool:
 
 
 def rows_of(dataset: str, asked: list[str]) -> list[str]:
-    return [row for row in asked if dataset not in ID_ONLY or row in ID_ONLY_ROWS]
+    """The asked rows that mean something on ``dataset``: catalogs without text have no text or LLM
+    rows, and outside :data:`LLM_SUBSET` a subset row would repeat its ``*-llm-all-*`` twin."""
+    return [
+        row
+        for row in asked
+        if (dataset not in ID_ONLY or row in ID_ONLY_ROWS) and (dataset in LLM_SUBSET or row not in SUBSET_ROWS)
+    ]
 
 
 def seeds_of(dataset: str, row: str, args: argparse.Namespace) -> list[int]:

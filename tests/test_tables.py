@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from experiments.table_main import ROWS, rows_of
 from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL, pooled, summarize
 
 
@@ -21,3 +22,15 @@ def test_an_earlier_summary_and_new_seeds_pool_to_the_summary_of_all_seeds(split
         assert combined[metric]["n"] == 5
         assert combined[metric]["mean"] == pytest.approx(whole[metric]["mean"])
         assert combined[metric]["std"] == pytest.approx(whole[metric]["std"])
+
+
+def test_each_dataset_plans_only_the_rows_that_mean_something_there() -> None:
+    every = list(ROWS)
+    # ml-100k has titles but its LLM writes every user's views: the subset row would repeat its twin
+    assert "lumos-llm-text-init" not in rows_of("ml-100k", every) and "lumos-llm-all-text-init" in rows_of(
+        "ml-100k", every
+    )
+    assert "lumos-llm-text-init" in rows_of("amazon-beauty", every)
+    # without item text: no text-initialised table and no LLM views
+    assert all("text" not in row and "llm" not in row for row in rows_of("amazon-baby", every))
+    assert {"fedavg-sasrec", "lumos"} <= set(rows_of("amazon-baby", every))
