@@ -52,12 +52,14 @@ from lumosrec.launch.tables import (
     cell,
     gain,
     gain_cell,
+    paired_gain,
     pooled,
     read_earlier_report,
     run_folder,
     saved_model_metrics,
     slug,
     summarize,
+    summary_of,
 )
 
 #: the literature's budget (``../shared/research/fedseqrec_anchors.md``): ~20 local visits per user
@@ -280,37 +282,79 @@ def table(
                     payload.setdefault(dataset, {})[row] = {**previous, "earlier": True}
                     lines.append(_earlier_line(dataset, row, previous, asked, last))
                 continue
-            summary = summarize(runs)
-            # seeds run here add to an earlier summary of other seeds; a seed run again replaces it
-            added = previous and not set(previous["seeds"]) & {run["seed"] for run in runs}
-            if added:
-                summary = pooled(previous["summary"], summary)
-            seeds = [*(previous["seeds"] if added else ()), *(run["seed"] for run in runs)]
+            here = {str(run["seed"]): {m: run["result"]["test"][PROTOCOL][m] for m in MAIN_METRICS} for run in runs}
+            kept = earlier_seeds_kept(previous, here) if previous else {}
+            # without the earlier seeds' own values: seeds run here add to an earlier summary of
+            # other seeds, and a seed run again replaces it whole
+            added = kept is None and not set(previous["seeds"]) & {run["seed"] for run in runs}
+            if kept is not None:
+                values = {**kept, **here}
+                summary = summary_of(list(values.values()))
+            else:
+                values = here
+                summary = pooled(previous["summary"], summarize(runs)) if added else summarize(runs)
+            earlier_seeds = [int(seed) for seed in kept] if kept else previous["seeds"] if added else []
+            seeds = [*earlier_seeds, *(run["seed"] for run in runs)]
             payload.setdefault(dataset, {})[row] = {
                 "summary": summary,
+                "per_seed": values,
                 "views": views_label(runs),
                 "seeds": seeds,
                 "complete": len(seeds) >= asked,
             }
-            if added:
-                payload[dataset][row]["earlier_seeds"] = previous["seeds"]
+            if earlier_seeds:
+                payload[dataset][row]["earlier_seeds"] = earlier_seeds
             cells = [cell(summary[m]) for m in MAIN_METRICS]
             if last:
-                finals = [
-                    run["result"]["final_test"][PROTOCOL]["HR@20"] for run in runs if run["result"].get("final_test")
-                ]
-                final = {"mean": statistics.fmean(finals), "n": len(finals)} if finals else None
-                earlier_final = previous.get("last_round_hr20") if added else None
-                if final and earlier_final:
-                    n = final["n"] + earlier_final["n"]
-                    total = final["mean"] * final["n"] + earlier_final["mean"] * earlier_final["n"]
-                    final = {"mean": total / n, "n": n}
+                finals = {
+                    str(run["seed"]): run["result"]["final_test"][PROTOCOL]["HR@20"]
+                    for run in runs
+                    if run["result"].get("final_test")
+                }
+                total, n = sum(finals.values()), len(finals)
+                # the earlier seeds kept: the earlier mean's total less the seeds run again here
+                earlier_final = previous.get("last_round_hr20") if earlier_seeds else None
+                if earlier_final:
+                    again = [finals[seed] for seed in map(str, previous["seeds"]) if seed in finals]
+                    total += earlier_final["mean"] * earlier_final["n"] - sum(again)
+                    n += earlier_final["n"] - len(again)
+                final = {"mean": total / n, "n": n} if n else None
                 if final:
                     payload[dataset][row]["last_round_hr20"] = final
                 cells.append(f"{final['mean']:.4f}" if final else "-")
-            done = f"{len(seeds)}/{asked}" + (f" ({len(previous['seeds'])} earlier)" if added else "")
+            done = f"{len(seeds)}/{asked}" + (f" ({len(earlier_seeds)} earlier)" if earlier_seeds else "")
             lines.append(f"| {dataset} | {row} | {done} | " + " | ".join(cells) + f" | {views_label(runs) or '-'} |")
     return "\n".join(lines), payload
+
+
+def earlier_seeds_kept(previous: Mapping, here: Mapping[str, dict[str, float]]) -> dict[str, dict[str, float]] | None:
+    """``{seed: {metric: value}}`` of the seeds of an earlier row that were not run here, or
+    ``None`` where they cannot be told apart. Runs are deterministic per seed on CPU, so a seed run
+    again here has the value it had in the earlier summary: with one earlier seed left, its values
+    are the earlier total less those of the seeds run again."""
+    known = per_seed(previous)
+    others = [str(seed) for seed in previous["seeds"] if str(seed) not in here]
+    if all(seed in known for seed in others):
+        return {seed: known[seed] for seed in others}
+    if len(others) == 1 and len(previous["seeds"]) == previous["summary"][MAIN_METRICS[0]]["n"]:
+        again = [here[str(seed)] for seed in previous["seeds"] if str(seed) in here]
+        return {
+            others[0]: {
+                m: previous["summary"][m]["n"] * previous["summary"][m]["mean"] - sum(v[m] for v in again)
+                for m in MAIN_METRICS
+            }
+        }
+    return None
+
+
+def per_seed(entry: Mapping) -> dict[str, dict[str, float]]:
+    """``{seed: {metric: test value}}`` of a table row, as far as it is known: a row from an earlier
+    report without per-seed values has them only when it holds one seed (its mean)."""
+    if "per_seed" in entry:
+        return dict(entry["per_seed"])
+    if len(entry["seeds"]) == 1:
+        return {str(entry["seeds"][0]): {m: entry["summary"][m]["mean"] for m in MAIN_METRICS}}
+    return {}
 
 
 def _earlier_line(dataset: str, row: str, previous: Mapping, asked: int, last: bool) -> str:
@@ -334,7 +378,15 @@ def gains_table(payload: dict) -> tuple[str, dict]:
             for baseline in (b for b in (*BASELINES, *(r for r in rows if r.startswith("lumos"))) if b in rows):
                 if baseline == row:
                     continue
-                cells = {m: gain(rows[row]["summary"][m], rows[baseline]["summary"][m]) for m in GAIN_METRICS}
+                cells = {}
+                for metric in GAIN_METRICS:
+                    cells[metric] = gain(rows[row]["summary"][metric], rows[baseline]["summary"][metric])
+                    paired = paired_gain(
+                        {seed: values[metric] for seed, values in per_seed(rows[row]).items()},
+                        {seed: values[metric] for seed, values in per_seed(rows[baseline]).items()},
+                    )
+                    if paired:
+                        cells[metric]["paired"] = paired
                 gains.setdefault(dataset, {}).setdefault(row, {})[baseline] = cells
                 lines.append(
                     f"| {dataset} | {row} | {baseline} | " + " | ".join(gain_cell(c) for c in cells.values()) + " |"
@@ -492,7 +544,10 @@ def report(args: argparse.Namespace, budget: Budget) -> Path:
         "## Gains of the LUMOS rows",
         "",
         "'within noise': the difference of the means is less than twice its standard error; with one "
-        "seed on either side the noise is not measured.",
+        "seed on either side the noise is not measured. 'seed by seed (k)': the same check on the "
+        "differences of the k seeds both rows ran, seed by seed (a seed fixes the initial model and "
+        "each round's clients for every method). With 2-3 seeds twice the standard error is a lenient "
+        "bar: a 5 % t-test asks 4.3 times it for 3 paired seeds.",
         "",
         gains_text,
         "",

@@ -49,9 +49,14 @@ def read_earlier_report(path: Path, kind: type, what: str) -> dict | list:
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
     """Mean and sample standard deviation over seeds of each test metric."""
+    return summary_of([{m: run["result"]["test"][PROTOCOL][m] for m in MAIN_METRICS} for run in runs])
+
+
+def summary_of(seeds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """:func:`summarize` of each seed's test metrics (``{metric: value}`` per seed)."""
     summary = {}
     for metric in MAIN_METRICS:
-        values = [run["result"]["test"][PROTOCOL][metric] for run in runs]
+        values = [seed[metric] for seed in seeds]
         summary[metric] = {
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -86,11 +91,33 @@ def gain(method: dict, baseline: dict) -> dict[str, float | bool]:
     }
 
 
+def paired_gain(method: dict[int, float], baseline: dict[int, float]) -> dict[str, float | bool | int] | None:
+    """The same check over the seeds both sides ran (``{seed: value}``), seed by seed: a seed fixes
+    the initial model and the clients drawn each round for every method, so the per-seed
+    differences carry less of the seed's own noise than the two means do. ``None`` below 2 shared
+    seeds."""
+    shared = sorted(set(method) & set(baseline))
+    if len(shared) < 2:
+        return None
+    differences = [method[seed] - baseline[seed] for seed in shared]
+    error = statistics.stdev(differences) / math.sqrt(len(shared))
+    return {
+        "seeds": len(shared),
+        "mean_difference": statistics.fmean(differences),
+        "beyond_noise": abs(statistics.fmean(differences)) > 2 * error > 0,
+    }
+
+
 def gain_cell(found: dict) -> str:
-    """One :func:`gain` as a table cell: the relative gain, and what is known of its noise."""
+    """One :func:`gain` as a table cell: the relative gain, what is known of its noise, and the
+    :func:`paired_gain` check where there is one (under ``paired``)."""
     if not found.get("noise_measured", True):
         return f"{found['relative']:+.1%} (one seed: noise unknown)"
-    return f"{found['relative']:+.1%}{'' if found['beyond_noise'] else ' (within noise)'}"
+    notes = [] if found["beyond_noise"] else ["within noise"]
+    if found.get("paired"):
+        paired = found["paired"]
+        notes.append(f"seed by seed ({paired['seeds']}): {'beyond' if paired['beyond_noise'] else 'within'} noise")
+    return f"{found['relative']:+.1%}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def cell(summary: dict) -> str:
