@@ -159,6 +159,7 @@ def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) 
     versions = environment()
     for dataset, method, aggregator, threat, level in plan(args):
         folder = run_dir(args, dataset, method, aggregator, threat, level)
+        key = (dataset, method, aggregator, threat, level, args.seed)
         if (folder / "result.json").is_file():
             if dataset not in targets:
                 data = load_data(str(args.data_root / dataset))
@@ -179,8 +180,8 @@ def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) 
                 "folder": str(folder),
                 "versions": versions,
             }
-        elif (dataset, method, aggregator, threat, level, args.seed) in (earlier or {}):
-            row = dict(earlier[(dataset, method, aggregator, threat, level, args.seed)])
+        elif key in (earlier or {}):
+            row = dict(earlier[key])
         else:
             continue
         if threat == "clean":

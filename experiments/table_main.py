@@ -58,7 +58,6 @@ from lumosrec.launch.tables import (
     run_folder,
     saved_model_metrics,
     slug,
-    summarize,
     summary_of,
 )
 
@@ -292,7 +291,8 @@ def table(
                 summary = summary_of(list(values.values()))
             else:
                 values = here
-                summary = pooled(previous["summary"], summarize(runs)) if added else summarize(runs)
+                summary = summary_of(list(here.values()))
+                summary = pooled(previous["summary"], summary) if added else summary
             earlier_seeds = [int(seed) for seed in kept] if kept else previous["seeds"] if added else []
             seeds = [*earlier_seeds, *(run["seed"] for run in runs)]
             payload.setdefault(dataset, {})[row] = {
