@@ -23,18 +23,21 @@ cohort and round instead of one per user, so with dropout on, the two paths give
 distributed) models. The low-rank table pays where histories are short and the catalog large
 (Amazon: about one batch per local epoch); on long histories (ml-100k) its factors grow with
 every step and the loop is faster, so ``cohort-engine = "auto"`` picks per cohort and round.
-Supports the ``sasrec`` objective, and ``lumos`` when only its item-level view terms are on
-(future items as extra targets, counterfactual items' unlikelihood: per-row terms on the same
-softmax, so their gradient is one more ``Q``), with SGD, clipping, any epochs and batch size; the
-others train in the loop (:func:`batched_refusal`). What each user's own node would do to its
-update before sending it (the item-row defence, rounded example counts, a simulated attacker's
+Supports the ``sasrec`` objective, and ``lumos`` with its item-level view terms (future items as
+extra targets, counterfactual items' unlikelihood: per-row terms on the same softmax, so their
+gradient is one more ``Q``) and its tri-view InfoNCE terms (each user's views encoded with its
+stacked weights, projected by its own private head; the views' items join the user's exact own
+rows), with SGD, clipping, any epochs and batch size; the others train in the loop
+(:func:`batched_refusal`). The InfoNCE terms' random choice of a batch's contrastive rows, when a
+batch has more, draws from the cohort's stream, like dropout. What each user's own node would do
+to its update before sending it (the item-row defence, rounded example counts, a simulated attacker's
 scaling) is done per user here too, so that a cohort still replies what its users' nodes would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 
 from lumosrec.client.privacy import local_dp_on
 from lumosrec.core.batching import PrefixSamples
-from lumosrec.models.lumos import UserViews
+from lumosrec.models.lumos import LUMOS, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 
 #: run-config values of ``cohort-engine``
@@ -100,6 +103,8 @@ class CohortUpdate:
     loss: float  # example-weighted mean of the users' mean training losses
     examples: int  # training samples of the users (the weight of the reply)
     seen: int  # samples seen in training (examples x local epochs)
+    #: each user's private parameters after training (LUMOS's projection head), kept by its node
+    private: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def train_batched(
@@ -111,6 +116,8 @@ def train_batched(
     learning_rate: float,
     max_grad_norm: float,
     views: UserViews | None = None,
+    heads: list[dict[str, torch.Tensor] | None] | None = None,
+    head_seeds: list[int] | None = None,
     weights: list[int] | None = None,
     row_defence: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     update_factors: list[float] | None = None,
@@ -120,9 +127,11 @@ def train_batched(
     the users' models. ``model`` is left unchanged; dropout is on when ``model.training``.
     ``views`` (row ``k`` for user ``k``) add LUMOS's item-level view terms
     (:meth:`lumosrec.models.lumos.LUMOS.view_item_terms`) to each user's loss; ``model`` is then
-    a LUMOS model whose contrastive terms and substitution are off. ``weights`` are the users'
-    weights in the mean (default: their training samples); ``row_defence(k, change)`` returns what
-    user ``k`` sends of its change of the item table (the item-row defence, per user as on its own
+    a LUMOS model whose paraphrase substitution is off; with its InfoNCE terms on, user ``k``
+    trains its own projection head ``heads[k]`` (a private state dict; None: a fresh one drawn
+    from torch's stream seeded with ``head_seeds[k]``, as a lone user's node draws it), returned
+    in :attr:`CohortUpdate.private`. ``weights`` are the users' weights in the mean (default:
+    their training samples); ``row_defence(k, change)`` returns what user ``k`` sends of its change of the item table (the item-row defence, per user as on its own
     node; default: the change itself). ``update_factors`` multiply each user's update (a
     simulated attacker's, :func:`lumosrec.client.threats.update_factor`; default: all 1)."""
     item_terms = None
@@ -131,9 +140,18 @@ def train_batched(
         def item_terms(log_probs: torch.Tensor, users: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return model.view_item_terms(log_probs, users, targets, views)
 
+    contrastive = views is not None and isinstance(model, LUMOS) and model.config.contrastive
+    if contrastive:
+        heads = [
+            head if head is not None else _fresh_head(model, None if head_seeds is None else head_seeds[k])
+            for k, head in enumerate(heads or [None] * len(sequences))
+        ]
     samples = [PrefixSamples([sequence], model.config.max_len) for sequence in sequences]
     plans = [[b for _ in range(epochs) for b in s.epoch(batch_size, rng)] for s, rng in zip(samples, rngs)]
-    state = _CohortState.start(model, sequences, plans)
+    # a user's InfoNCE terms input its views' items too: their rows are kept exactly, like its own
+    inputs = [np.concatenate([s, views.row_items(k)]) if contrastive else s for k, s in enumerate(sequences)]
+    state = _CohortState.start(model, sequences, plans, inputs, heads if contrastive else None)
+    contrast = _ViewContrast(model, views, state.own) if contrastive else None
     # a user whose every prefix fits in max-len is encoded in one pass over its sequence
     one_pass = [len(sequence) - 1 <= model.config.max_len for sequence in sequences]
     for step in range(max(map(len, plans))):
@@ -146,7 +164,15 @@ def train_batched(
             ]
             for group in _shape_groups(shapes):
                 state.step(
-                    group, batches, model.config, learning_rate, max_grad_norm, model.training, whole, item_terms
+                    group,
+                    batches,
+                    model.config,
+                    learning_rate,
+                    max_grad_norm,
+                    model.training,
+                    whole,
+                    item_terms,
+                    contrast,
                 )
     for user, factor in enumerate(update_factors or []):
         if factor != 1.0:
@@ -155,7 +181,16 @@ def train_batched(
     shares = torch.tensor(counts, dtype=state.table0.dtype, device=state.table0.device) / sum(counts)
     seen = [sum(map(len, plan)) for plan in plans]
     loss = sum(count * total / max(n, 1) for count, total, n in zip(counts, state.loss_sums, seen)) / sum(counts)
-    return CohortUpdate(state.mean(shares, row_defence), float(loss), sum(counts), sum(seen))
+    return CohortUpdate(state.mean(shares, row_defence), float(loss), sum(counts), sum(seen), state.private())
+
+
+def _fresh_head(model: LUMOS, seed: int | None) -> dict[str, torch.Tensor]:
+    """A fresh projection head, drawn from torch's stream seeded with ``seed`` (the current one: None)."""
+    if seed is None:
+        return model.fresh_private_state_dict()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model.fresh_private_state_dict()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -166,23 +201,87 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float)
     return F.layer_norm(x, x.shape[-1:], eps=eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
 
 
-def _encode_positions(p: dict, config: SASRecConfig, emb: torch.Tensor, training: bool) -> torch.Tensor:
-    """SASRec's encoder (:meth:`SASRec.encode_positions`) with per-user weights ``p`` (each
-    ``(G, ...)``): input embeddings ``emb`` ``(G, B, L, d)`` -> hidden states ``(G, B, L, d)``."""
-    groups, rows, length, width = emb.shape
-    drop, eps = config.dropout if training else 0.0, config.layer_norm_eps
-    hidden = (emb + p["position_embedding.weight"][:, None, :length]).reshape(groups, rows * length, width)
+#: per layer, the keys and values of an encoded sequence's positions, ``(G*B, heads, L, head size)``
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
+#: one layer's attention: (layer, queries, keys, values) -> attended values, each (rows, heads, L, size)
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _layers(
+    p: dict, config: SASRecConfig, hidden: torch.Tensor, rows: int, training: bool, attend: Attention
+) -> torch.Tensor:
+    """SASRec's input norm and transformer layers over ``hidden`` ``(G, rows * L, d)`` (input
+    embeddings plus positions), ``attend`` combining each layer's queries, keys and values."""
+    groups, tokens, width = hidden.shape
+    length, drop, eps = tokens // rows, config.dropout if training else 0.0, config.layer_norm_eps
     hidden = F.dropout(_norm(hidden, p["input_norm.weight"], p["input_norm.bias"], eps), drop, training)
     for layer in range(config.num_layers):
         w = {name: p[f"layers.{layer}.{name}"] for name in LAYER_WEIGHTS}
         qkv = _linear(hidden, w["qkv.weight"], w["qkv.bias"])
         q, k, v = qkv.view(groups * rows, length, 3, config.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        attended = attended.transpose(1, 2).reshape(groups, rows * length, width)
+        attended = attend(layer, q, k, v).transpose(1, 2).reshape(groups, tokens, width)
         out = F.dropout(_linear(attended, w["out.weight"], w["out.bias"]), drop, training)
         hidden = _norm(hidden + out, w["attention_norm.weight"], w["attention_norm.bias"], eps)
         inner = _linear(F.gelu(_linear(hidden, w["inner.weight"], w["inner.bias"])), w["outer.weight"], w["outer.bias"])
         hidden = _norm(hidden + F.dropout(inner, drop, training), w["ffn_norm.weight"], w["ffn_norm.bias"], eps)
+    return hidden
+
+
+def _encode_positions(
+    p: dict, config: SASRecConfig, emb: torch.Tensor, training: bool, kept: KeysValues | None = None
+) -> torch.Tensor:
+    """SASRec's encoder (:meth:`SASRec.encode_positions`) with per-user weights ``p`` (each
+    ``(G, ...)``): input embeddings ``emb`` ``(G, B, L, d)`` -> hidden states ``(G, B, L, d)``;
+    each layer's keys and values are appended to ``kept`` when given."""
+    groups, rows, length, width = emb.shape
+    drop = config.dropout if training else 0.0
+
+    def causal(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kept is not None:
+            kept.append((k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+
+    hidden = (emb + p["position_embedding.weight"][:, None, :length]).reshape(groups, rows * length, width)
+    return _layers(p, config, hidden, rows, training, causal).view(groups, rows, length, width)
+
+
+def _encode_continuations(
+    p: dict,
+    config: SASRecConfig,
+    emb: torch.Tensor,
+    start: torch.Tensor,
+    context: KeysValues,
+    context_rows: torch.Tensor,
+    training: bool,
+) -> torch.Tensor:
+    """Tokens ``emb`` ``(G, N, T, d)`` that continue the first ``start`` ``(G, N)`` positions of
+    rows ``context_rows`` ``(G, N)`` of an encoded sequence (``context``, from
+    :func:`_encode_positions`): they sit at positions ``start`` onwards and attend to those
+    positions and causally to each other, at every layer. Causal attention makes this the encoding
+    of the whole continued sequence at its new positions, without encoding its prefix again;
+    with dropout on, the prefix keeps the masks of the pass that encoded it."""
+    groups, rows, length, width = emb.shape
+    drop, device = config.dropout if training else 0.0, emb.device
+    positions = (start[:, :, None] + torch.arange(length, device=device)).clamp(max=config.max_len - 1)
+    table = p["position_embedding.weight"]
+    hidden = emb + table[torch.arange(groups, device=device)[:, None, None], positions]
+    context_length = context[0][0].shape[2]
+    source = (torch.arange(groups, device=device)[:, None] * (context[0][0].shape[0] // groups) + context_rows).view(-1)
+    seen = torch.arange(context_length, device=device)[None, :] < start.view(-1, 1)  # (G*N, context)
+    mask = torch.cat(
+        [
+            seen[:, None, None, :].expand(-1, 1, length, -1),
+            torch.ones(length, length, dtype=torch.bool, device=device).tril().expand(groups * rows, 1, -1, -1),
+        ],
+        dim=3,
+    )
+
+    def continued(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        before_k, before_v = context[layer]
+        keys, values = torch.cat([before_k[source], k], dim=2), torch.cat([before_v[source], v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=drop)
+
+    hidden = _layers(p, config, hidden.reshape(groups, rows * length, width), rows, training, continued)
     return hidden.view(groups, rows, length, width)
 
 
@@ -201,6 +300,122 @@ def _shape_groups(shapes: list[tuple[int, int, int]], slack: float = 1.5) -> lis
     return [*groups, [u for u, _, _ in current]] if current else groups
 
 
+def _project(head: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """LUMOS's projection head (``Linear, ReLU, Linear``, :class:`lumosrec.models.lumos.LUMOS`) with
+    per-user weights ``head`` (each ``(G, ...)``), unit-normalised: ``(G, N, d)`` -> ``(G, N, p)``."""
+    hidden = torch.relu(_linear(x, head["0.weight"], head["0.bias"]))
+    return F.normalize(_linear(hidden, head["2.weight"], head["2.bias"]), dim=-1)
+
+
+class _ViewContrast:
+    """LUMOS's tri-view InfoNCE terms (:meth:`lumosrec.models.lumos.LUMOS.contrastive_loss`) for a
+    group of users with stacked weights: each user's contrastive rows against its own batch's
+    views, with its own head; the same view sequences (:meth:`LUMOS.view_sequences`) and loss.
+
+    A view sequence is its row's prefix up to a point, then the view's items: the future view
+    appends them, the others replace the prefix's tail. Where no view sequence is cut at
+    ``max-len`` (a future view past it is), only the view's items are encoded, attending to the
+    batch's own encoding of the prefix (:func:`_encode_continuations`): a view costs its
+    items' tokens, not the prefix's again."""
+
+    def __init__(self, model: LUMOS, views: UserViews, own: list[np.ndarray]) -> None:
+        self.model, self.views, self.own = model, views, own  # own: each user's input items, sorted
+
+    def loss(
+        self,
+        group: list[int],
+        batches: dict,
+        p: dict[str, torch.Tensor],
+        head: dict[str, torch.Tensor],
+        rows_now: torch.Tensor,
+        anchors: torch.Tensor,
+        config: SASRecConfig,
+        training: bool,
+        context: KeysValues,
+        whole: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each user's weighted InfoNCE terms ``(G,)``, and the views' inputs: positions in the users'
+        own items ``(G, rows, length)`` and their embeddings (a leaf of the graph, for the input-side
+        gradient). ``anchors`` ``(G, batch rows, d)`` are the batch rows' encodings, ``context``
+        the keys and values of the pass that encoded them (``whole``: one row per user)."""
+        model, views, size, device = self.model, self.views, len(group), anchors.device
+        chosen, sequences, prefixes = [], [], []
+        for u in group:
+            items, lengths, _, _ = batches[u]
+            picked = torch.arange(len(lengths))
+            if 0 < model.config.contrastive_rows < len(lengths):
+                picked = torch.randperm(len(lengths))[: model.config.contrastive_rows]
+            chosen.append(picked)
+            prefixes.append(lengths[picked])
+            users = torch.full((len(picked),), u, dtype=torch.long)
+            sequences.append(model.view_sequences(items[picked], lengths[picked], users, views))
+        names = list(sequences[0])
+        # where each view sequence departs from its prefix: the future view after it, the others
+        # where their items replace its tail
+        starts = [
+            {
+                name: prefix if name == "future" else prefix - torch.clamp(prefix, max=int(views.lengths[name][u]))
+                for name in names
+            }
+            for u, prefix in zip(group, prefixes)
+        ]
+        # a future view cut at max-len shifts its prefix's positions: encoded whole
+        continued = "future" not in names or all(
+            bool((row_views["future"][1] == prefix + int(views.lengths["future"][u])).all())
+            for u, prefix, row_views in zip(group, prefixes, sequences)
+        )
+        rows = max(map(len, chosen))
+        width = 1
+        for start, row_views in zip(starts, sequences):
+            for name, (_, seq_lengths, _) in row_views.items():
+                width = max(width, int((seq_lengths - (start[name] if continued else 0)).max()))
+        local = torch.zeros(size, len(names), rows, width, dtype=torch.long)
+        lengths = torch.ones(size, len(names), rows, dtype=torch.long)  # tokens encoded per view row
+        first = torch.zeros(size, len(names), rows, dtype=torch.long)  # the position of the first
+        present = torch.zeros(size, len(names), rows, dtype=torch.bool)  # the row is real and has the view
+        anchor_rows = torch.zeros(size, rows, dtype=torch.long)
+        for g, (u, picked, row_views, start) in enumerate(zip(group, chosen, sequences, starts)):
+            anchor_rows[g, : len(picked)] = picked
+            for v, (name, (seq, seq_lengths, has)) in enumerate(row_views.items()):
+                begin = start[name] if continued else torch.zeros_like(seq_lengths)
+                for r in range(len(picked)):
+                    tokens = seq[r, int(begin[r]) : int(seq_lengths[r])].numpy()
+                    local[g, v, r, : len(tokens)] = torch.from_numpy(np.searchsorted(self.own[u], tokens))
+                lengths[g, v, : len(picked)] = seq_lengths - begin
+                first[g, v, : len(picked)], present[g, v, : len(picked)] = begin, has
+        local = local.clamp(max=rows_now.shape[1] - 1).view(size, -1, width).to(device)
+        lengths, present, anchor_rows = lengths.to(device), present.to(device), anchor_rows.to(device)
+        emb = rows_now[torch.arange(size, device=device)[:, None, None], local].requires_grad_(True)
+        if continued:
+            context_rows = torch.zeros_like(anchor_rows) if whole else anchor_rows
+            context_rows = context_rows[:, None, :].expand(-1, len(names), -1).reshape(size, -1)
+            start = first.view(size, -1).to(device)
+            hidden = _encode_continuations(p, config, emb, start, context, context_rows, training)
+        else:
+            hidden = _encode_positions(p, config, emb, training)
+        encoded = hidden[
+            torch.arange(size, device=device)[:, None],
+            torch.arange(local.shape[1], device=device)[None, :],
+            (lengths.view(size, -1) - 1).clamp(min=0),
+        ]
+        z = dict(zip(names, _project(head, encoded).view(size, len(names), rows, -1).unbind(1)))
+        has = dict(zip(names, present.unbind(1)))
+        anchor = _project(head, anchors[torch.arange(size, device=device)[:, None], anchor_rows])
+        tau, total = model.config.tau, anchors.new_zeros(size)
+        for name, weight in (("future", model.config.lambda_future), ("paraphrase", model.config.lambda_paraphrase)):
+            if name not in z:
+                continue
+            keep = has[name] & has["counterfactual"] if "counterfactual" in z else has[name]
+            logits = torch.bmm(anchor, z[name].transpose(1, 2))
+            # the other kept rows' positives are the negatives; the rows left out weigh nothing
+            logits = logits.masked_fill(~keep[:, None, :], -1e9 * tau)
+            if "counterfactual" in z:
+                logits = torch.cat([logits, (anchor * z["counterfactual"]).sum(-1, keepdim=True)], dim=2)
+            log_p = torch.log_softmax(logits / tau, -1).diagonal(dim1=1, dim2=2)
+            total = total + weight * -(log_p * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return total, local, emb
+
+
 @dataclass
 class _CohortState:
     """Every user's model during local training: stacked transformer weights, and the item table
@@ -209,8 +424,9 @@ class _CohortState:
     table0: torch.Tensor
     sequences: list[np.ndarray]  # each user's training sequence
     theta: dict[str, torch.Tensor]  # name -> (users, ...) weights
+    heads: dict[str, torch.Tensor]  # name -> (users, ...) private projection heads (LUMOS's InfoNCE terms)
     theta0: dict[str, torch.Tensor]  # name -> the received weights every user started from
-    own: list[np.ndarray]  # the only items a user ever inputs, sorted
+    own: list[np.ndarray]  # the only items a user ever inputs (its sequence, its views), sorted
     own_rows: list[torch.Tensor]  # their current rows, exact
     own_sparse: list[torch.Tensor]  # their input-side updates
     all_q: torch.Tensor  # c * Q of every user's every step, one buffer: (all plan rows, items)
@@ -221,10 +437,18 @@ class _CohortState:
     loss_sums: list[float]  # each user's summed per-sample training loss
 
     @classmethod
-    def start(cls, model: SASRec, sequences: list[np.ndarray], plans: list[list[np.ndarray]]) -> _CohortState:
+    def start(
+        cls,
+        model: SASRec,
+        sequences: list[np.ndarray],
+        plans: list[list[np.ndarray]],
+        inputs: list[np.ndarray],
+        heads: list[dict[str, torch.Tensor]] | None = None,
+    ) -> _CohortState:
+        """``inputs[k]``: every item user ``k`` ever inputs; ``heads``: each user's private head."""
         table0, shared = model.item_embedding.weight.detach(), model.shared_state_dict()
         users, (items_total, width), dtype, device = len(sequences), table0.shape, table0.dtype, table0.device
-        own = [np.unique(sequence) for sequence in sequences]
+        own = [np.unique(items[items > 0]) for items in inputs]
         sizes = [sum(map(len, plan)) for plan in plans]
         all_q = torch.zeros(sum(sizes), items_total, dtype=dtype, device=device)
         all_h = torch.zeros(sum(sizes), width, dtype=dtype, device=device)
@@ -237,6 +461,7 @@ class _CohortState:
                 for name, p in model.named_parameters()
                 if name != TABLE and name in shared
             },
+            heads={name: torch.stack([head[name] for head in heads]).to(device) for name in heads[0]} if heads else {},
             theta0={
                 name: p.detach().clone() for name, p in model.named_parameters() if name != TABLE and name in shared
             },
@@ -274,6 +499,11 @@ class _CohortState:
             mean = {name: torch.einsum("k,k...->...", weights, stacked) for name, stacked in self.theta.items()}
         return {TABLE: table, **mean}
 
+    def private(self) -> list[dict[str, torch.Tensor]]:
+        """Each user's private parameters (none without the InfoNCE terms)."""
+        users = len(self.sequences) if self.heads else 0
+        return [{name: stacked[k].detach().clone() for name, stacked in self.heads.items()} for k in range(users)]
+
     def scale_update(self, user: int, factor: float) -> None:
         """Multiply ``user``'s update (its model minus the start) by ``factor``, after training."""
         with torch.no_grad():
@@ -297,6 +527,7 @@ class _CohortState:
         training: bool,
         whole: bool,
         item_terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        contrast: _ViewContrast | None = None,
     ) -> None:
         """One SGD step of a group of users whose batches are padded to one shape. ``whole``: every
         prefix of these users fits in max-len, so one causal pass over each user's sequence (all
@@ -305,7 +536,8 @@ class _CohortState:
         with dropout, a step's prefixes share the masks of the positions they share (each
         prefix's masks are still drawn as in the loop, the prefixes are no longer independent).
         ``item_terms(log_probs, users, targets)``: extra per-row losses over the rows' log-softmax
-        (``users`` = the rows' users' indices), whose gradient joins the softmax's."""
+        (``users`` = the rows' users' indices), whose gradient joins the softmax's. ``contrast``:
+        LUMOS's InfoNCE terms over the users' views, with their heads."""
         table0, own, device = self.table0, self.own, self.table0.device
         size, dtype = len(group), table0.dtype
         rows = max(len(batches[u][2]) for u in group)
@@ -338,9 +570,16 @@ class _CohortState:
         index = torch.tensor(group, device=device)
         p = {name: stacked[index].requires_grad_(True) for name, stacked in self.theta.items()}
         emb = rows_now[torch.arange(size, device=device)[:, None, None], local].requires_grad_(True)
-        hidden = _encode_positions(p, config, emb, training)
+        context: KeysValues | None = [] if contrast is not None else None
+        hidden = _encode_positions(p, config, emb, training, context)
         last = (lengths - 1).clamp(min=0)
         h = hidden[torch.arange(size)[:, None], 0 if whole else torch.arange(rows)[None, :], last]
+        contrastive = None
+        if contrast is not None:
+            head = {name: stacked[index].requires_grad_(True) for name, stacked in self.heads.items()}
+            contrastive, view_local, view_emb = contrast.loss(
+                group, batches, p, head, rows_now, h, config, training, context, whole
+            )
         spread = own_items[:, None, :].expand(size, rows, owned)
         with torch.no_grad():
             logits = torch.matmul(h, table0.T)
@@ -370,27 +609,36 @@ class _CohortState:
                     used_q, used_h = self._filled_factors(u)
                     grad_h[g] += (q[g] @ used_q.T) @ used_h
         names = list(p)
-        *grads, grad_emb = torch.autograd.grad(h, [p[name] for name in names] + [emb], grad_outputs=grad_h)
+        leaves, outputs, grad_outputs = [p[name] for name in names] + [emb], [h], [grad_h]
+        if contrastive is not None:
+            leaves += [*head.values(), view_emb]
+            outputs.append(contrastive.sum())
+            grad_outputs.append(torch.ones((), dtype=dtype, device=device))
+        found = list(torch.autograd.grad(outputs, leaves, grad_outputs=grad_outputs))
+        grads, grad_emb, head_grads = found[: len(names)], found[len(names)], found[len(names) + 1 : -1]
         with torch.no_grad():
             input_side = torch.zeros_like(sparse)
-            input_side.scatter_add_(
-                1,
-                local.reshape(size, -1, 1).expand(-1, -1, sparse.shape[2]),
-                grad_emb.reshape(size, -1, sparse.shape[2]),
-            )
+            embedded = [(local, grad_emb)] if contrastive is None else [(local, grad_emb), (view_local, found[-1])]
+            for positions, grad in embedded:
+                input_side.scatter_add_(
+                    1,
+                    positions.reshape(size, -1, 1).expand(-1, -1, sparse.shape[2]),
+                    grad.reshape(size, -1, sparse.shape[2]),
+                )
             hd = h.detach()
             output_own = torch.bmm(q_own.transpose(1, 2), hd)  # the softmax gradient on the user's own rows
-            square = sum(grad.pow(2).flatten(1).sum(1) for grad in grads)
+            square = sum(grad.pow(2).flatten(1).sum(1) for grad in grads + head_grads)
             square = square + (torch.bmm(q, q.transpose(1, 2)) * torch.bmm(hd, hd.transpose(1, 2))).sum((1, 2))
             square = square + 2 * (output_own * input_side).sum((1, 2)) + input_side.pow(2).sum((1, 2))
             if max_grad_norm > 0:  # clip_grad_norm_'s factor, per user
                 scale = (max_grad_norm / (square.sqrt() + 1e-6)).clamp(max=1.0)
             else:
                 scale = torch.ones_like(square)
-            for name, grad in zip(names, grads):
-                self.theta[name][index] -= lr * scale.view(-1, *([1] * (grad.dim() - 1))) * grad
+            for stacked, grad in zip([*(self.theta[name] for name in names), *self.heads.values()], grads + head_grads):
+                stacked[index] -= lr * scale.view(-1, *([1] * (grad.dim() - 1))) * grad
             step = (-lr * scale)[:, None, None]
-            losses = (row_loss.sum(1) * torch.tensor([len(batches[u][2]) for u in group], device=device)).tolist()
+            per_user = row_loss.sum(1) if contrastive is None else row_loss.sum(1) + contrastive.detach()
+            losses = (per_user * torch.tensor([len(batches[u][2]) for u in group], device=device)).tolist()
             for g, u in enumerate(group):
                 n, mine = len(batches[u][2]), len(own[u])
                 self.own_rows[u] += (step[g] * (output_own[g] + input_side[g]))[:mine]

@@ -209,10 +209,11 @@ def _train_cohort(
     trainable = [(position, user) for position, user in drawn if len(data.split.train[position]) > 1]
     sequences = [data.split.train[position] for position, _ in trainable]
     if use_batched(run, objective.batched_refusal(run), sequences):
-        positions = [position for position, _ in trainable]
-        inputs = objective.batched_inputs(model, data.subset(positions), context)
+        together = data.subset([position for position, _ in trainable])
+        inputs = objective.batched_inputs(model, together, context)
         users = [user for _, user in trainable]
         update = _train_batched(model, context, config, users, sequences, inputs, data.dataset.num_users)
+        objective.keep_batched_private(update.private, together, context)
     else:
         update = _train_loop(model, objective, data, context, config, received, drawn)
     if update.examples == 0:  # no user of this cohort was drawn (or none has a training sample)
@@ -233,8 +234,9 @@ def _train_batched(
 ) -> CohortUpdate:
     run = context.run_config
     rngs = [_round_rng(run, user + 1, config) for user in users]
-    for rng in rngs:
-        rng.integers(2**31)  # the draw that seeds a lone user's torch stream: both paths then shuffle alike
+    # the draw that seeds a lone user's torch stream: both paths then shuffle alike, and a user's
+    # first private head is the one its own node would draw
+    seeds = [int(rng.integers(2**31)) for rng in rngs]
     # dropout masks: one stream per cohort and round
     torch.manual_seed(int(_round_rng(run, _stream(context), config).integers(2**31)))
     model.train()
@@ -255,6 +257,7 @@ def _train_batched(
         float(run["learning-rate"]),
         float(run["max-grad-norm"]),
         **inputs,
+        head_seeds=seeds,
         weights=[reported_examples(len(sequence) - 1, run) for sequence in sequences],
         row_defence=row_defence,
         update_factors=[update_factor(run, user, num_users) for user in users],

@@ -6,7 +6,10 @@ This times :func:`lumosrec.client.cohort.train_batched` (stacked transformer wei
 item table) against the loop (:func:`lumosrec.core.training.train_epochs` per user, what a
 one-user client runs) on random cohorts of ``amazon-beauty`` and ``ml-100k`` users, without
 Flower, checks that both give the same mean model (float64), and estimates each dataset's
-compute floor (transformer and softmax FLOPs of a user-visit over a measured matmul rate)::
+compute floor (transformer and softmax FLOPs of a user-visit over a measured matmul rate).
+The same for LUMOS with every view term on (item-level and tri-view InfoNCE, as the table's
+ablation base "all views, both levels") on Beauty, over random 5-item views (what a view costs
+is its length, not its items)::
 
     python experiments/bench_cohort_engine.py --data-root ../shared/data --out results/cohort_engine
 """
@@ -27,18 +30,33 @@ from lumosrec.core.data import load_data
 from lumosrec.core.evaluation import leave_one_out
 from lumosrec.core.results import environment, peak_rss_mb, write_json
 from lumosrec.core.training import train_epochs
+from lumosrec.models.lumos import LUMOS, VIEW_NAMES, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
+
+#: LUMOS's terms in the LUMOS rows: every view's, at the table's weights (experiments/table_main.py)
+ALL_TERMS = dict(
+    lambda_future=0.02, lambda_paraphrase=0.02, future_target_weight=1.0, counterfactual_negative_weight=1.0
+)
+VIEW_LENGTH = 5
 
 
 def train_loop(
-    model: SASRec, sequences, rngs, epochs: int, batch_size: int, lr: float, max_grad_norm: float
+    model: SASRec,
+    sequences,
+    rngs,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float,
+    views: list[UserViews] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The baseline: each user trained alone from the same weights, as a one-user client does."""
+    """The baseline: each user trained alone from the same weights, as a one-user client does
+    (``views[k]``: user ``k``'s LUMOS views)."""
     initial, local = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
     weights = np.array([len(s) - 1 for s in sequences], dtype=float)
     weights /= weights.sum()
     mean = {name: torch.zeros_like(value) for name, value in initial.items()}
-    for sequence, rng, weight in zip(sequences, rngs, weights):
+    for user, (sequence, rng, weight) in enumerate(zip(sequences, rngs, weights)):
         local.load_state_dict(initial)
         optimizer = torch.optim.SGD(local.parameters(), lr=lr, foreach=True)
         train_epochs(
@@ -50,6 +68,7 @@ def train_loop(
             rng,
             torch.device("cpu"),
             max_grad_norm=max_grad_norm,
+            loss_inputs={"views": views[user]} if views else None,
         )
         for name, value in local.state_dict().items():
             mean[name] += float(weight) * value
@@ -105,22 +124,37 @@ def compute_floor_ms(sequences: list[np.ndarray], config: SASRecConfig, epochs: 
     return 1000 * epochs * flops / len(sequences) / (gflops * 1e9)
 
 
-def timing(data_root: Path, dataset_name: str, users: int, loop_users: int, gflops: float) -> dict:
+def random_views(sequences: list[np.ndarray], num_items: int) -> list[dict[str, list[int]]]:
+    """Per user, three views of :data:`VIEW_LENGTH` random catalog items (timing only)."""
+    rng = np.random.default_rng(0)
+    return [{name: rng.integers(1, num_items + 1, VIEW_LENGTH).tolist() for name in VIEW_NAMES} for _ in sequences]
+
+
+def timing(data_root: Path, dataset_name: str, users: int, loop_users: int, gflops: float, lumos: bool) -> dict:
     dataset = load_data(str(data_root / dataset_name))
     split = leave_one_out(dataset.sequences, dataset.num_items)
-    config = SASRecConfig(num_items=dataset.num_items)
     torch.manual_seed(0)
-    model = SASRec(config)
+    if lumos:
+        config = LUMOSConfig(num_items=dataset.num_items, **ALL_TERMS)
+        model = LUMOS(config)
+    else:
+        config = SASRecConfig(num_items=dataset.num_items)
+        model = SASRec(config)
     chosen = np.random.default_rng(0).choice(dataset.num_users, users, replace=False)
     sequences = [split.train[u] for u in chosen]
     rngs = [np.random.default_rng([1, int(u)]) for u in chosen]
+    batched_views, loop_views = None, None
+    if lumos:
+        views, recent = random_views(sequences, dataset.num_items), [s[-config.future_horizon :] for s in sequences]
+        batched_views = UserViews(views, recent)
+        loop_views = [UserViews([v], [r]) for v, r in zip(views, recent)]
     args = (3, 64, 0.5, 1.0)  # the app's defaults: 3 local epochs, batch 64, SGD 0.5, clipping 1.0
     started = time.perf_counter()
     model.train()
-    train_batched(model, sequences, rngs, *args)
+    train_batched(model, sequences, rngs, *args, views=batched_views)
     cohort_ms = 1000 * (time.perf_counter() - started) / users
     started = time.perf_counter()
-    train_loop(model, sequences[:loop_users], rngs[:loop_users], *args)
+    train_loop(model, sequences[:loop_users], rngs[:loop_users], *args, views=loop_views)
     loop_ms = 1000 * (time.perf_counter() - started) / loop_users
     return {
         "users": users,
@@ -144,9 +178,14 @@ def main() -> None:
     print("largest difference to the loop, relative to the update:", report["exactness"])
     gflops = matmul_gflops()
     report["matmul_gflops"] = gflops
-    for name, users, loop_users in (("amazon-beauty", 256, 64), ("ml-100k", 94, 16)):
-        report[name] = timing(args.data_root, name, users, loop_users, gflops)
-        print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in report[name].items()})
+    for name, users, loop_users, lumos in (
+        ("amazon-beauty", 256, 64, False),
+        ("ml-100k", 94, 16, False),
+        ("amazon-beauty", 256, 64, True),
+    ):
+        key = f"{name} lumos-all-terms" if lumos else name
+        report[key] = timing(args.data_root, name, users, loop_users, gflops, lumos)
+        print(key, {k: round(v, 2) if isinstance(v, float) else v for k, v in report[key].items()})
     report.update(peak_rss_mb=peak_rss_mb(), threads=args.threads, versions=environment())
     write_json(args.out / "bench_cohort_engine.json", report)
     print(f"written: {args.out / 'bench_cohort_engine.json'}")

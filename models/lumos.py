@@ -46,6 +46,7 @@ projection head stays on the client.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -119,6 +120,10 @@ class UserViews:
     def __len__(self) -> int:
         return len(self.lengths[VIEW_NAMES[0]])
 
+    def row_items(self, user: int) -> np.ndarray:
+        """Every item of row ``user``'s views."""
+        return np.concatenate([self.items[name][user, : self.lengths[name][user]].numpy() for name in VIEW_NAMES])
+
 
 def _append(
     items: np.ndarray, lengths: np.ndarray, extra: np.ndarray, extra_lengths: np.ndarray, max_len: int
@@ -164,9 +169,14 @@ class LUMOS(SASRec):
 
     def reset_private_parameters(self) -> None:
         """A freshly initialised projection head (from torch's current random state)."""
-        for layer in self.projection:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
+        _reset(self.projection)
+
+    def fresh_private_state_dict(self) -> dict[str, torch.Tensor]:
+        """The arrays of a freshly initialised projection head (from torch's current random state,
+        as :meth:`reset_private_parameters` draws them); the model's own head is left as it is."""
+        head = copy.deepcopy(self.projection)
+        _reset(head)
+        return {key: value.detach() for key, value in head.state_dict().items()}
 
     def load_shared_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load received backbone arrays; the projection head is left as it is."""
@@ -309,6 +319,12 @@ class LUMOS(SASRec):
             chosen = torch.randperm(len(items), device=items.device)[:rows]
             anchors, items, lengths, users = anchors[chosen], items[chosen], lengths[chosen], users[chosen]
         return loss + self.contrastive_loss(anchors, items, lengths, users, views)
+
+
+def _reset(head: nn.Sequential) -> None:
+    for layer in head:
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

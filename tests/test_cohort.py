@@ -103,7 +103,6 @@ def test_cohorts_none_of_whose_users_is_drawn_do_not_count(data_dir: Path, tmp_p
         ({"users-per-client": 5}, "exclude each other"),
         ({"cohort-size": -1}, "must be 0"),
         ({"cohort-engine": "batched", "objective": "cl4srec"}, "does not train the cl4srec objective"),
-        ({"cohort-engine": "batched", "objective": "lumos", "lumos-lambda-future": 0.02}, "item-level view terms only"),
         (
             {
                 "cohort-engine": "batched",
@@ -140,13 +139,24 @@ LUMOS_ITEM_TERMS = {
 }
 
 
+#: LUMOS with its InfoNCE terms on as well: the users' heads, fresh in round 1, kept for round 2
+LUMOS_INFONCE = {**LUMOS_ITEM_TERMS, "lumos-lambda-future": 0.5, "lumos-lambda-paraphrase": 0.3}
+
+
 @pytest.mark.parametrize(
-    "clipping, rate, objective",
-    [(1.0, 0.5, {}), (0.0, 0.05, {}), (1.0, 0.5, LUMOS_ITEM_TERMS)],  # unclipped, 0.5 diverges in both
-    ids=["clipped", "unclipped", "lumos-item-terms"],
+    "clipping, rate, objective, tolerance",
+    # unclipped, 0.5 diverges in both; the InfoNCE terms (1 / tau = 5) amplify float32 rounding:
+    # 6e-5 of a tensor's scale after 2 rounds, against ~1 with other heads than the loop's
+    [
+        (1.0, 0.5, {}, 1e-5),
+        (0.0, 0.05, {}, 1e-5),
+        (1.0, 0.5, LUMOS_ITEM_TERMS, 1e-5),
+        (1.0, 0.5, LUMOS_INFONCE, 3e-4),
+    ],
+    ids=["clipped", "unclipped", "lumos-item-terms", "lumos-infonce"],
 )
 def test_batched_cohorts_give_the_global_model_of_the_loop(
-    data_dir: Path, tmp_path: Path, clipping: float, rate: float, objective: dict
+    data_dir: Path, tmp_path: Path, clipping: float, rate: float, objective: dict, tolerance: float
 ) -> None:
     settings = {"cohort-size": 10, "max-grad-norm": clipping, "learning-rate": rate, **objective}
     if objective:
@@ -156,15 +166,25 @@ def test_batched_cohorts_give_the_global_model_of_the_loop(
     assert set(loop) == set(batched)
     for key, value in loop.items():
         scale = float(value.abs().max())
-        assert float((batched[key] - value).abs().max()) <= 1e-5 * scale, key
+        assert float((batched[key] - value).abs().max()) <= tolerance * scale, key
 
 
-@pytest.mark.parametrize("item_views", [False, True], ids=["sasrec", "lumos-item-terms"])
+#: LUMOS's terms per case: the item-level ones alone, then with the tri-view InfoNCE terms as well
+LUMOS_TERMS = {
+    "lumos-item-terms": dict(future_target_weight=0.5, counterfactual_negative_weight=2.0),
+    "lumos-infonce": dict(
+        future_target_weight=0.5, counterfactual_negative_weight=2.0, lambda_future=0.5, lambda_paraphrase=0.3
+    ),
+}
+
+
+@pytest.mark.parametrize("terms", [None, *LUMOS_TERMS], ids=["sasrec", *LUMOS_TERMS])
 @pytest.mark.parametrize("clipping", [1.0, 0.0])
-def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, item_views: bool) -> None:
+def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, terms: str | None) -> None:
     """The low-rank item table and stacked weights are the loop's arithmetic, not an approximation:
     in float64 the mean model equals the per-user loop's to rounding; with LUMOS's item-level
-    view terms (future items as targets, counterfactual items' unlikelihood) too."""
+    view terms (future items as targets, counterfactual items' unlikelihood) too, and with its
+    InfoNCE terms, whose views enter each user's encoder and whose private heads train per user."""
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
@@ -175,23 +195,20 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, item
         user_views = None
         # the future targets on each user's last two prefixes
         recent = [sequence[-2:].tolist() for sequence in sequences]
-        if item_views:
-            config = LUMOSConfig(
-                **sizes,
-                lambda_future=0.0,
-                lambda_paraphrase=0.0,
-                future_target_weight=0.5,
-                counterfactual_negative_weight=2.0,
-            )
-            model = LUMOS(config)
-            # views of different lengths, one user without a future view
+        heads = None
+        if terms:
+            model = LUMOS(LUMOSConfig(**sizes, **LUMOS_TERMS[terms]))
+            # views of different lengths, one user without a future view, one without a paraphrase
             user_views = [
                 {
                     "future": generator.integers(1, 41, size=(u * 2) % 5).tolist(),
+                    "paraphrase": generator.integers(1, 41, size=u % 3 and 2).tolist(),
                     "counterfactual": generator.integers(1, 41, size=3).tolist(),
                 }
                 for u in range(6)
             ]
+            if model.config.contrastive:  # every user's own head, from the same start as the loop's
+                heads = [{key: value.clone() for key, value in model.private_state_dict().items()} for _ in range(6)]
         else:
             model = SASRec(SASRecConfig(**sizes))
         settings = dict(epochs=2, batch_size=4)
@@ -203,11 +220,12 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, item
             learning_rate=0.5,
             max_grad_norm=clipping,
             views=UserViews(user_views, recent) if user_views else None,
+            heads=heads,
         )
         initial = {key: value.clone() for key, value in model.state_dict().items()}
-        # what a client sends: the backbone (LUMOS's private head is neither trained here nor sent)
+        # what a client sends: the backbone (LUMOS's private head stays on the client)
         expected = {key: torch.zeros_like(value) for key, value in model.shared_state_dict().items()}
-        counts, losses = [len(s) - 1 for s in sequences], []
+        counts, losses, trained_heads = [len(s) - 1 for s in sequences], [], []
         for user, sequence in enumerate(sequences):
             model.load_state_dict(initial)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -224,6 +242,8 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, item
             losses.append(loss)
             for key, value in model.shared_state_dict().items():
                 expected[key] += counts[user] / sum(counts) * value
+            if heads:
+                trained_heads.append({key: value.clone() for key, value in model.private_state_dict().items()})
         model.load_state_dict(initial)
     finally:
         torch.set_default_dtype(torch.float32)
@@ -234,6 +254,14 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, item
         change = float((value - initial[key]).abs().max())
         assert change > 0, key  # every tensor trained
         assert float((batched.mean[key] - value).abs().max()) <= 1e-10 * change, key
+    # each user's head: trained by its own InfoNCE terms only (none without them); user 0 has no
+    # future or paraphrase view, so its head stays as it was
+    assert len(batched.private) == len(trained_heads)
+    for user, head in enumerate(trained_heads):
+        for key, value in head.items():
+            change = float((value - heads[user][key]).abs().max())
+            assert (change > 0) == (user > 0), (user, key)
+            assert float((batched.private[user][key] - value).abs().max()) <= 1e-10 * max(change, 1e-8), (user, key)
 
 
 def test_auto_trains_short_histories_batched_and_the_rest_in_the_loop() -> None:

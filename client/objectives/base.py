@@ -18,7 +18,8 @@ An objective declares:
 * what a launcher can prepare for all nodes ahead of a simulation
   (:meth:`Objective.prepare_ahead`, e.g. every user's views);
 * whether cohort nodes may train its users together (:meth:`Objective.batched_refusal`,
-  :mod:`lumosrec.client.cohort`) and with which inputs (:meth:`Objective.batched_inputs`);
+  :mod:`lumosrec.client.cohort`), with which inputs (:meth:`Objective.batched_inputs`) and where
+  the users' private parameters go afterwards (:meth:`Objective.keep_batched_private`);
 * how results name a run that trains it (:meth:`Objective.method_name`,
   :meth:`Objective.result_details`).
 """
@@ -29,6 +30,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
+import torch
 from flwr.app import Context
 
 from lumosrec.core.data import NodeData
@@ -98,6 +100,10 @@ class Objective:
 
     def keep_private(self, model: SASRec, context: Context, owner: str = "") -> None:
         """Save the private parameters of ``owner`` in ``context.state`` after training (never sent)."""
+
+    def keep_batched_private(self, private: list[dict[str, torch.Tensor]], node: NodeData, context: Context) -> None:
+        """Save each user's private parameters after its cohort trained batched (``private[k]``:
+        ``node``'s user ``k``, :attr:`lumosrec.client.cohort.CohortUpdate.private`)."""
 
     def result_details(self, run_config: Mapping) -> dict:
         """What a run's results say about this objective's inputs beyond the method name."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context
 
 from lumosrec.augment.client_views import (
@@ -76,20 +77,25 @@ class LUMOSObjective(Objective):
         return {"views": node_views(model, node, context)}
 
     def batched_refusal(self, run_config: Mapping) -> str | None:
-        """Cohorts train LUMOS batched when only its item-level view terms are on: the InfoNCE
-        terms need the private head and encoder passes over the views, substitution changes inputs."""
-        if float(run_config["lumos-lambda-future"]) > 0 or float(run_config["lumos-lambda-paraphrase"]) > 0:
-            return (
-                "the batched cohort engine trains LUMOS's item-level view terms only; "
-                "set lumos-lambda-future = lumos-lambda-paraphrase = 0"
-            )
+        """Cohorts train LUMOS batched but for paraphrase substitution, which changes inputs."""
         if float(run_config["lumos-paraphrase-substitution"]) > 0:
             return "the batched cohort engine has no paraphrase substitution; set lumos-paraphrase-substitution = 0"
         return None
 
     def batched_inputs(self, model: LUMOS, node: NodeData, context: Context) -> dict[str, object]:
-        # no head to restore or keep: its only use, the InfoNCE terms, is off
-        return {"views": node_views(model, node, context)}
+        """The users' views and, with the InfoNCE terms on, their heads (None: a user's first round)."""
+        inputs: dict[str, object] = {"views": node_views(model, node, context)}
+        if model.config.contrastive:
+            keys = [private_key(owner) for owner in _owners(node)]
+            inputs["heads"] = [
+                context.state.array_records[key].to_torch_state_dict() if key in context.state.array_records else None
+                for key in keys
+            ]
+        return inputs
+
+    def keep_batched_private(self, private: list[dict[str, torch.Tensor]], node: NodeData, context: Context) -> None:
+        for owner, head in zip(_owners(node), private):
+            context.state.array_records[private_key(owner)] = ArrayRecord({k: v.cpu() for k, v in head.items()})
 
     def keep_private(self, model: LUMOS, context: Context, owner: str = "") -> None:
         context.state.array_records[private_key(owner)] = ArrayRecord(model.private_state_dict())
@@ -136,6 +142,11 @@ def node_views(model: LUMOS, node: NodeData, context: Context) -> UserViews:
     views = client_views(node.dataset, node.users.tolist(), node.split.train, settings, embeddings)
     horizon = model.config.future_horizon
     return UserViews(views, [history[-horizon:] for history in node.split.train] if horizon > 0 else None)
+
+
+def _owners(node: NodeData) -> list[str]:
+    """Whose private parameters each of ``node``'s users trains: its user id, as in the loop."""
+    return [str(node.dataset.user_ids[user]) for user in node.users.tolist()]
 
 
 def private_key(owner: str = "") -> str:
