@@ -27,7 +27,8 @@ Supports the ``sasrec`` objective, and ``lumos`` with its item-level view terms 
 extra targets, counterfactual items' unlikelihood: per-row terms on the same softmax, so their
 gradient is one more ``Q``) and its tri-view InfoNCE terms (each user's views encoded with its
 stacked weights, projected by its own private head; the views' items join the user's exact own
-rows), with SGD, clipping, any epochs and batch size; the others train in the loop
+rows), and ``cl4srec`` (each user's two augmentations per batch drawn from its own stream in the
+loop's order), with SGD, clipping, any epochs and batch size; the others train in the loop
 (:func:`batched_refusal`). The InfoNCE terms' random choice of a batch's contrastive rows, when a
 batch has more, draws from the cohort's stream, like dropout. What each user's own node would do
 to its update before sending it (the item-row defence, rounded example counts, a simulated attacker's
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from lumosrec.client.privacy import local_dp_on
 from lumosrec.core.batching import PrefixSamples
+from lumosrec.models.cl4srec import CL4SRec
 from lumosrec.models.lumos import LUMOS, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 
@@ -147,15 +149,22 @@ def train_batched(
             for k, head in enumerate(heads or [None] * len(sequences))
         ]
     samples = [PrefixSamples([sequence], model.config.max_len) for sequence in sequences]
-    plans = [[b for _ in range(epochs) for b in s.epoch(batch_size, rng)] for s, rng in zip(samples, rngs)]
+    # CL4SRec's augmentations come from the user's stream, drawn after each epoch's shuffle as in the loop
+    draw = model.augmented_views if isinstance(model, CL4SRec) else None
+    plans, drawn = zip(*(_plan(s, rng, epochs, batch_size, draw) for s, rng in zip(samples, rngs)))
     # a user's InfoNCE terms input its views' items too: their rows are kept exactly, like its own
     inputs = [np.concatenate([s, views.row_items(k)]) if contrastive else s for k, s in enumerate(sequences)]
-    state = _CohortState.start(model, sequences, plans, inputs, heads if contrastive else None)
-    contrast = _ViewContrast(model, views, state.own) if contrastive else None
+    state = _CohortState.start(model, sequences, list(plans), inputs, heads if contrastive else None)
+    contrast = None
+    if contrastive:
+        contrast = _ViewContrast(model, views, state.own)
+    elif draw is not None:
+        contrast = _AugmentContrast(model, state.own)
     # a user whose every prefix fits in max-len is encoded in one pass over its sequence
     one_pass = [len(sequence) - 1 <= model.config.max_len for sequence in sequences]
     for step in range(max(map(len, plans))):
         batches = {u: samples[u].batch(plans[u][step]) for u in range(len(samples)) if step < len(plans[u])}
+        now = {u: drawn[u][step] for u in batches} if draw is not None else {}
         for whole in (True, False):
             shapes = [
                 (u, len(b[2]), len(sequences[u]) - 1 if whole else b[0].shape[1])
@@ -173,6 +182,7 @@ def train_batched(
                     whole,
                     item_terms,
                     contrast,
+                    now,
                 )
     for user, factor in enumerate(update_factors or []):
         if factor != 1.0:
@@ -182,6 +192,24 @@ def train_batched(
     seen = [sum(map(len, plan)) for plan in plans]
     loss = sum(count * total / max(n, 1) for count, total, n in zip(counts, state.loss_sums, seen)) / sum(counts)
     return CohortUpdate(state.mean(shares, row_defence), float(loss), sum(counts), sum(seen), state.private())
+
+
+def _plan(
+    samples: PrefixSamples,
+    rng: np.random.Generator,
+    epochs: int,
+    batch_size: int,
+    draw: Callable[[torch.Tensor, torch.Tensor, np.random.Generator], object] | None,
+) -> tuple[list[np.ndarray], list[object]]:
+    """A user's batches of every epoch and, with ``draw``, what it draws for each batch from
+    ``rng``, in the loop's order (:func:`lumosrec.core.training.train_epochs`)."""
+    plan, drawn = [], []
+    for _ in range(epochs):
+        for indices in list(samples.epoch(batch_size, rng)):
+            plan.append(indices)
+            if draw is not None:
+                drawn.append(draw(*samples.batch(indices)[:2], rng))
+    return plan, drawn
 
 
 def _fresh_head(model: LUMOS, seed: int | None) -> dict[str, torch.Tensor]:
@@ -307,6 +335,65 @@ def _project(head: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.normalize(_linear(hidden, head["2.weight"], head["2.bias"]), dim=-1)
 
 
+@dataclass
+class _GroupPass:
+    """A step's group of users as a contrast term sees it: their batches and what was drawn for
+    them, their stacked weights and private heads, their exact own rows, the batch rows'
+    encodings (``anchors``, ``(G, rows, d)``) and the keys and values of the pass that made them
+    (``context``; ``whole``: one row per user)."""
+
+    group: list[int]
+    batches: dict
+    drawn: dict
+    p: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    rows_now: torch.Tensor
+    padding_row: torch.Tensor  # the padding item's row (CL4SRec's mask): never trained
+    anchors: torch.Tensor
+    context: KeysValues
+    whole: bool
+    config: SASRecConfig
+    training: bool
+
+    def embed(self, own: list[np.ndarray], tokens: list[list[np.ndarray]]) -> tuple[torch.Tensor, ...]:
+        """Rows of items per user (``tokens[g]``, item 0 the mask) as positions in the users' own
+        items ``(G, rows, width)``, lengths ``(G, rows)``, their embeddings (a leaf of the graph)
+        and those embeddings as the encoder takes them (the mask item's is the padding row)."""
+        size, device = len(self.group), self.anchors.device
+        rows, width = max(map(len, tokens)), max(max(len(row) for row in rows_) for rows_ in tokens)
+        local = torch.zeros(size, rows, max(width, 1), dtype=torch.long)
+        real = torch.zeros(size, rows, max(width, 1), dtype=torch.bool)
+        lengths = torch.ones(size, rows, dtype=torch.long)
+        for g, (u, rows_) in enumerate(zip(self.group, tokens)):
+            for r, row in enumerate(rows_):
+                local[g, r, : len(row)] = torch.from_numpy(np.searchsorted(own[u], row))
+                real[g, r, : len(row)] = torch.from_numpy(row > 0)
+                lengths[g, r] = max(len(row), 1)
+        local = local.clamp(max=self.rows_now.shape[1] - 1).to(device)
+        emb = self.rows_now[torch.arange(size, device=device)[:, None, None], local].requires_grad_(True)
+        return local, lengths.to(device), emb, torch.where(real.to(device)[..., None], emb, self.padding_row)
+
+    def last(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each row's hidden state at its last token: ``(G, rows, L, d)`` -> ``(G, rows, d)``."""
+        device = hidden.device
+        return hidden[
+            torch.arange(hidden.shape[0], device=device)[:, None],
+            torch.arange(hidden.shape[1], device=device)[None, :],
+            (lengths - 1).clamp(min=0),
+        ]
+
+
+def _info_nce(anchor: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor, tau: float, hard=None):
+    """Per user, :func:`lumosrec.models.losses.info_nce` over its kept rows ``(G, rows)`` of
+    ``anchor`` and ``positive`` ``(G, rows, d)`` (the other kept rows' positives are the
+    negatives, ``hard`` one more per row): ``(G,)``, 0 for a user without a kept row."""
+    logits = torch.bmm(anchor, positive.transpose(1, 2)).masked_fill(~keep[:, None, :], -1e9 * tau)
+    if hard is not None:
+        logits = torch.cat([logits, (anchor * hard).sum(-1, keepdim=True)], dim=2)
+    log_p = torch.log_softmax(logits / tau, -1).diagonal(dim1=1, dim2=2)
+    return -(log_p * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
 class _ViewContrast:
     """LUMOS's tri-view InfoNCE terms (:meth:`lumosrec.models.lumos.LUMOS.contrastive_loss`) for a
     group of users with stacked weights: each user's contrastive rows against its own batch's
@@ -321,27 +408,13 @@ class _ViewContrast:
     def __init__(self, model: LUMOS, views: UserViews, own: list[np.ndarray]) -> None:
         self.model, self.views, self.own = model, views, own  # own: each user's input items, sorted
 
-    def loss(
-        self,
-        group: list[int],
-        batches: dict,
-        p: dict[str, torch.Tensor],
-        head: dict[str, torch.Tensor],
-        rows_now: torch.Tensor,
-        anchors: torch.Tensor,
-        config: SASRecConfig,
-        training: bool,
-        context: KeysValues,
-        whole: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each user's weighted InfoNCE terms ``(G,)``, and the views' inputs: positions in the users'
-        own items ``(G, rows, length)`` and their embeddings (a leaf of the graph, for the input-side
-        gradient). ``anchors`` ``(G, batch rows, d)`` are the batch rows' encodings, ``context``
-        the keys and values of the pass that encoded them (``whole``: one row per user)."""
-        model, views, size, device = self.model, self.views, len(group), anchors.device
+    def loss(self, step: _GroupPass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each user's weighted InfoNCE terms ``(G,)``, and the views' inputs: positions in the
+        users' own items and their embeddings (a leaf of the graph, for the input-side gradient)."""
+        model, views, device = self.model, self.views, step.anchors.device
         chosen, sequences, prefixes = [], [], []
-        for u in group:
-            items, lengths, _, _ = batches[u]
+        for u in step.group:
+            items, lengths, _, _ = step.batches[u]
             picked = torch.arange(len(lengths))
             if 0 < model.config.contrastive_rows < len(lengths):
                 picked = torch.randperm(len(lengths))[: model.config.contrastive_rows]
@@ -350,70 +423,87 @@ class _ViewContrast:
             users = torch.full((len(picked),), u, dtype=torch.long)
             sequences.append(model.view_sequences(items[picked], lengths[picked], users, views))
         names = list(sequences[0])
-        # where each view sequence departs from its prefix: the future view after it, the others
-        # where their items replace its tail
-        starts = [
-            {
-                name: prefix if name == "future" else prefix - torch.clamp(prefix, max=int(views.lengths[name][u]))
-                for name in names
-            }
-            for u, prefix in zip(group, prefixes)
-        ]
         # a future view cut at max-len shifts its prefix's positions: encoded whole
         continued = "future" not in names or all(
             bool((row_views["future"][1] == prefix + int(views.lengths["future"][u])).all())
-            for u, prefix, row_views in zip(group, prefixes, sequences)
+            for u, prefix, row_views in zip(step.group, prefixes, sequences)
         )
-        rows = max(map(len, chosen))
-        width = 1
-        for start, row_views in zip(starts, sequences):
-            for name, (_, seq_lengths, _) in row_views.items():
-                width = max(width, int((seq_lengths - (start[name] if continued else 0)).max()))
-        local = torch.zeros(size, len(names), rows, width, dtype=torch.long)
-        lengths = torch.ones(size, len(names), rows, dtype=torch.long)  # tokens encoded per view row
-        first = torch.zeros(size, len(names), rows, dtype=torch.long)  # the position of the first
+        # where each view sequence departs from its prefix: the future view after it, the others
+        # where their items replace its tail
+        tokens, starts = [], []
+        for u, prefix, row_views in zip(step.group, prefixes, sequences):
+            rows, begins = [], []
+            for name, (seq, seq_lengths, _) in row_views.items():
+                begin = prefix if name == "future" else prefix - prefix.clamp(max=int(views.lengths[name][u]))
+                begin = begin if continued else torch.zeros_like(begin)
+                rows += [seq[r, int(begin[r]) : int(seq_lengths[r])].numpy() for r in range(len(prefix))]
+                rows += [np.zeros(0, dtype=np.int64)] * (max(map(len, chosen)) - len(prefix))
+                begins += begin.tolist() + [0] * (max(map(len, chosen)) - len(prefix))
+            tokens.append(rows)
+            starts.append(begins)
+        size, rows = len(step.group), max(map(len, chosen))
+        local, lengths, emb, used = step.embed(self.own, tokens)
+        if continued:
+            anchor_rows = [picked.tolist() + [0] * (rows - len(picked)) for picked in chosen]
+            context_rows = torch.tensor([[0] * rows if step.whole else r for r in anchor_rows], device=device)
+            hidden = _encode_continuations(
+                step.p,
+                step.config,
+                used,
+                torch.tensor(starts, device=device),
+                step.context,
+                context_rows.repeat(1, len(names)),
+                step.training,
+            )
+        else:
+            hidden = _encode_positions(step.p, step.config, used, step.training)
         present = torch.zeros(size, len(names), rows, dtype=torch.bool)  # the row is real and has the view
         anchor_rows = torch.zeros(size, rows, dtype=torch.long)
-        for g, (u, picked, row_views, start) in enumerate(zip(group, chosen, sequences, starts)):
+        for g, (picked, row_views) in enumerate(zip(chosen, sequences)):
             anchor_rows[g, : len(picked)] = picked
-            for v, (name, (seq, seq_lengths, has)) in enumerate(row_views.items()):
-                begin = start[name] if continued else torch.zeros_like(seq_lengths)
-                for r in range(len(picked)):
-                    tokens = seq[r, int(begin[r]) : int(seq_lengths[r])].numpy()
-                    local[g, v, r, : len(tokens)] = torch.from_numpy(np.searchsorted(self.own[u], tokens))
-                lengths[g, v, : len(picked)] = seq_lengths - begin
-                first[g, v, : len(picked)], present[g, v, : len(picked)] = begin, has
-        local = local.clamp(max=rows_now.shape[1] - 1).view(size, -1, width).to(device)
-        lengths, present, anchor_rows = lengths.to(device), present.to(device), anchor_rows.to(device)
-        emb = rows_now[torch.arange(size, device=device)[:, None, None], local].requires_grad_(True)
-        if continued:
-            context_rows = torch.zeros_like(anchor_rows) if whole else anchor_rows
-            context_rows = context_rows[:, None, :].expand(-1, len(names), -1).reshape(size, -1)
-            start = first.view(size, -1).to(device)
-            hidden = _encode_continuations(p, config, emb, start, context, context_rows, training)
-        else:
-            hidden = _encode_positions(p, config, emb, training)
-        encoded = hidden[
-            torch.arange(size, device=device)[:, None],
-            torch.arange(local.shape[1], device=device)[None, :],
-            (lengths.view(size, -1) - 1).clamp(min=0),
-        ]
-        z = dict(zip(names, _project(head, encoded).view(size, len(names), rows, -1).unbind(1)))
-        has = dict(zip(names, present.unbind(1)))
-        anchor = _project(head, anchors[torch.arange(size, device=device)[:, None], anchor_rows])
-        tau, total = model.config.tau, anchors.new_zeros(size)
+            for v, (_, _, has) in enumerate(row_views.values()):
+                present[g, v, : len(picked)] = has
+        encoded = _project(step.head, step.last(hidden, lengths))
+        z = dict(zip(names, encoded.view(size, len(names), rows, -1).unbind(1)))
+        has = dict(zip(names, present.to(device).unbind(1)))
+        anchor = _project(step.head, step.anchors[torch.arange(size, device=device)[:, None], anchor_rows.to(device)])
+        total = step.anchors.new_zeros(size)
+        hard = z.get("counterfactual")
         for name, weight in (("future", model.config.lambda_future), ("paraphrase", model.config.lambda_paraphrase)):
-            if name not in z:
-                continue
-            keep = has[name] & has["counterfactual"] if "counterfactual" in z else has[name]
-            logits = torch.bmm(anchor, z[name].transpose(1, 2))
-            # the other kept rows' positives are the negatives; the rows left out weigh nothing
-            logits = logits.masked_fill(~keep[:, None, :], -1e9 * tau)
-            if "counterfactual" in z:
-                logits = torch.cat([logits, (anchor * z["counterfactual"]).sum(-1, keepdim=True)], dim=2)
-            log_p = torch.log_softmax(logits / tau, -1).diagonal(dim1=1, dim2=2)
-            total = total + weight * -(log_p * keep).sum(1) / keep.sum(1).clamp(min=1)
+            if name in z:
+                keep = has[name] & has["counterfactual"] if hard is not None else has[name]
+                total = total + weight * _info_nce(anchor, z[name], keep, model.config.tau, hard)
         return total, local, emb
+
+
+class _AugmentContrast:
+    """CL4SRec's contrast of two augmented views of each batch row (:meth:`lumosrec.models.cl4srec.
+    CL4SRec.loss`: symmetric InfoNCE, in-batch negatives) for a group of users with stacked weights;
+    the augmentations are those the user's own stream drew for the step (:meth:`CL4SRec.augmented_views`)."""
+
+    def __init__(self, model: CL4SRec, own: list[np.ndarray]) -> None:
+        self.model, self.own = model, own
+
+    def loss(self, step: _GroupPass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each user's weighted contrast ``(G,)``, the views' positions in its own items and their
+        embeddings (a leaf of the graph)."""
+        rows = max(len(step.batches[u][2]) for u in step.group)
+        tokens = []
+        for u in step.group:
+            both = []
+            for items, lengths in step.drawn[u]:
+                view = [items[r, : int(n)].numpy() for r, n in enumerate(lengths)]
+                both += view + [np.zeros(0, dtype=np.int64)] * (rows - len(view))
+            tokens.append(both)
+        local, lengths, emb, used = step.embed(self.own, tokens)
+        encoded = step.last(_encode_positions(step.p, step.config, used, step.training), lengths)
+        first, second = encoded[:, :rows], encoded[:, rows:]
+        keep = torch.zeros(len(step.group), rows, dtype=torch.bool, device=encoded.device)
+        for g, u in enumerate(step.group):
+            keep[g, : len(step.batches[u][2])] = True
+        tau = self.model.config.temperature
+        symmetric = 0.5 * (_info_nce(first, second, keep, tau) + _info_nce(second, first, keep, tau))
+        return self.model.config.cl_weight * symmetric, local, emb
 
 
 @dataclass
@@ -527,7 +617,8 @@ class _CohortState:
         training: bool,
         whole: bool,
         item_terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        contrast: _ViewContrast | None = None,
+        contrast: _ViewContrast | _AugmentContrast | None = None,
+        drawn: dict | None = None,
     ) -> None:
         """One SGD step of a group of users whose batches are padded to one shape. ``whole``: every
         prefix of these users fits in max-len, so one causal pass over each user's sequence (all
@@ -537,7 +628,8 @@ class _CohortState:
         prefix's masks are still drawn as in the loop, the prefixes are no longer independent).
         ``item_terms(log_probs, users, targets)``: extra per-row losses over the rows' log-softmax
         (``users`` = the rows' users' indices), whose gradient joins the softmax's. ``contrast``:
-        LUMOS's InfoNCE terms over the users' views, with their heads."""
+        a contrastive term over other sequences (LUMOS's views with the users' heads, CL4SRec's
+        augmentations ``drawn`` for the users' batches)."""
         table0, own, device = self.table0, self.own, self.table0.device
         size, dtype = len(group), table0.dtype
         rows = max(len(batches[u][2]) for u in group)
@@ -578,7 +670,9 @@ class _CohortState:
         if contrast is not None:
             head = {name: stacked[index].requires_grad_(True) for name, stacked in self.heads.items()}
             contrastive, view_local, view_emb = contrast.loss(
-                group, batches, p, head, rows_now, h, config, training, context, whole
+                _GroupPass(
+                    group, batches, drawn or {}, p, head, rows_now, table0[0], h, context, whole, config, training
+                )
             )
         spread = own_items[:, None, :].expand(size, rows, owned)
         with torch.no_grad():

@@ -7,9 +7,9 @@ item table) against the loop (:func:`lumosrec.core.training.train_epochs` per us
 one-user client runs) on random cohorts of ``amazon-beauty`` and ``ml-100k`` users, without
 Flower, checks that both give the same mean model (float64), and estimates each dataset's
 compute floor (transformer and softmax FLOPs of a user-visit over a measured matmul rate).
-The same for LUMOS with every view term on (item-level and tri-view InfoNCE, as the table's
-ablation base "all views, both levels") on Beauty, over random 5-item views (what a view costs
-is its length, not its items)::
+The same on Beauty for LUMOS with every view term on (item-level and tri-view InfoNCE, as the
+table's ablation base "all views, both levels"), over random 5-item views (what a view costs is
+its length, not its items), and for CL4SRec (Fed-CL4SRec's local objective)::
 
     python experiments/bench_cohort_engine.py --data-root ../shared/data --out results/cohort_engine
 """
@@ -30,6 +30,7 @@ from lumosrec.core.data import load_data
 from lumosrec.core.evaluation import leave_one_out
 from lumosrec.core.results import environment, peak_rss_mb, write_json
 from lumosrec.core.training import train_epochs
+from lumosrec.models.cl4srec import CL4SRec, CL4SRecConfig
 from lumosrec.models.lumos import LUMOS, VIEW_NAMES, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 
@@ -68,7 +69,7 @@ def train_loop(
             rng,
             torch.device("cpu"),
             max_grad_norm=max_grad_norm,
-            loss_inputs={"views": views[user]} if views else None,
+            loss_inputs=({"views": views[user]} if views else {"rng": rng} if isinstance(model, CL4SRec) else None),
         )
         for name, value in local.state_dict().items():
             mean[name] += float(weight) * value
@@ -130,13 +131,17 @@ def random_views(sequences: list[np.ndarray], num_items: int) -> list[dict[str, 
     return [{name: rng.integers(1, num_items + 1, VIEW_LENGTH).tolist() for name in VIEW_NAMES} for _ in sequences]
 
 
-def timing(data_root: Path, dataset_name: str, users: int, loop_users: int, gflops: float, lumos: bool) -> dict:
+def timing(data_root: Path, dataset_name: str, users: int, loop_users: int, gflops: float, objective: str) -> dict:
     dataset = load_data(str(data_root / dataset_name))
     split = leave_one_out(dataset.sequences, dataset.num_items)
     torch.manual_seed(0)
+    lumos = objective == "lumos-all-terms"
     if lumos:
         config = LUMOSConfig(num_items=dataset.num_items, **ALL_TERMS)
         model = LUMOS(config)
+    elif objective == "cl4srec":
+        config = CL4SRecConfig(num_items=dataset.num_items)
+        model = CL4SRec(config)
     else:
         config = SASRecConfig(num_items=dataset.num_items)
         model = SASRec(config)
@@ -178,13 +183,14 @@ def main() -> None:
     print("largest difference to the loop, relative to the update:", report["exactness"])
     gflops = matmul_gflops()
     report["matmul_gflops"] = gflops
-    for name, users, loop_users, lumos in (
-        ("amazon-beauty", 256, 64, False),
-        ("ml-100k", 94, 16, False),
-        ("amazon-beauty", 256, 64, True),
+    for name, users, loop_users, objective in (
+        ("amazon-beauty", 256, 64, "sasrec"),
+        ("ml-100k", 94, 16, "sasrec"),
+        ("amazon-beauty", 256, 64, "lumos-all-terms"),
+        ("amazon-beauty", 256, 64, "cl4srec"),
     ):
-        key = f"{name} lumos-all-terms" if lumos else name
-        report[key] = timing(args.data_root, name, users, loop_users, gflops, lumos)
+        key = name if objective == "sasrec" else f"{name} {objective}"
+        report[key] = timing(args.data_root, name, users, loop_users, gflops, objective)
         print(key, {k: round(v, 2) if isinstance(v, float) else v for k, v in report[key].items()})
     report.update(peak_rss_mb=peak_rss_mb(), threads=args.threads, versions=environment())
     write_json(args.out / "bench_cohort_engine.json", report)

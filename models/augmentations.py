@@ -6,9 +6,9 @@ Xu Xie et al. "Contrastive Learning for Sequential Recommendation." ICDE 2022.
 https://arxiv.org/abs/2010.14395
 
 Sequences are left-aligned rows of a padded matrix (see :mod:`lumosrec.core.batching`). Masked
-items become the padding item ``0``, whose embedding is fixed at zero: a mask token that
-needs no extra row in the item table, so CL4SRec keeps SASRec's parameter shapes (which a
-federation shares).
+items become the padding item ``0``, whose embedding is never trained (its initial random row):
+a mask token that needs no extra row in the item table, so CL4SRec keeps SASRec's parameter
+shapes (which a federation shares).
 """
 
 from __future__ import annotations

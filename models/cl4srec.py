@@ -53,8 +53,16 @@ class CL4SRec(SASRec):
     ) -> torch.Tensor:
         """Next-item cross-entropy plus the augmentation contrast; ``rng`` draws the
         augmentations (the model's own generator when None)."""
-        config, rng = self.config, rng if rng is not None else self.rng
         rec_loss = self.recommendation_loss(self.encode(items, lengths), targets)
-        first = self.encode(*augment_batch(items, lengths, rng, config.eta, config.gamma, config.beta))
-        second = self.encode(*augment_batch(items, lengths, rng, config.eta, config.gamma, config.beta))
-        return rec_loss + config.cl_weight * symmetric_info_nce(first, second, config.temperature)
+        first, second = self.augmented_views(items, lengths, rng if rng is not None else self.rng)
+        return rec_loss + self.config.cl_weight * symmetric_info_nce(
+            self.encode(*first), self.encode(*second), self.config.temperature
+        )
+
+    def augmented_views(
+        self, items: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The two augmented views ``(items, lengths)`` of a batch, drawn from ``rng`` (the batched
+        cohort engine draws them here too, in the same order)."""
+        config = self.config
+        return tuple(augment_batch(items, lengths, rng, config.eta, config.gamma, config.beta) for _ in range(2))

@@ -17,6 +17,7 @@ from lumosrec.core.synthetic import SyntheticConfig, generate, write_folder
 from lumosrec.core.training import train_epochs
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.launch.inprocess import run_in_process
+from lumosrec.models.cl4srec import CL4SRec, CL4SRecConfig
 from lumosrec.models.lumos import LUMOS, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 from lumosrec.server import checkpoint
@@ -102,7 +103,6 @@ def test_cohorts_none_of_whose_users_is_drawn_do_not_count(data_dir: Path, tmp_p
         ({"dp-clipping-norm": 1.0}, "with DP clipping"),
         ({"users-per-client": 5}, "exclude each other"),
         ({"cohort-size": -1}, "must be 0"),
-        ({"cohort-engine": "batched", "objective": "cl4srec"}, "does not train the cl4srec objective"),
         (
             {
                 "cohort-engine": "batched",
@@ -152,8 +152,9 @@ LUMOS_INFONCE = {**LUMOS_ITEM_TERMS, "lumos-lambda-future": 0.5, "lumos-lambda-p
         (0.0, 0.05, {}, 1e-5),
         (1.0, 0.5, LUMOS_ITEM_TERMS, 1e-5),
         (1.0, 0.5, LUMOS_INFONCE, 3e-4),
+        (1.0, 0.5, {"objective": "cl4srec"}, 3e-4),
     ],
-    ids=["clipped", "unclipped", "lumos-item-terms", "lumos-infonce"],
+    ids=["clipped", "unclipped", "lumos-item-terms", "lumos-infonce", "cl4srec"],
 )
 def test_batched_cohorts_give_the_global_model_of_the_loop(
     data_dir: Path, tmp_path: Path, clipping: float, rate: float, objective: dict, tolerance: float
@@ -178,7 +179,7 @@ LUMOS_TERMS = {
 }
 
 
-@pytest.mark.parametrize("terms", [None, *LUMOS_TERMS], ids=["sasrec", *LUMOS_TERMS])
+@pytest.mark.parametrize("terms", [None, *LUMOS_TERMS, "cl4srec"], ids=["sasrec", *LUMOS_TERMS, "cl4srec"])
 @pytest.mark.parametrize("clipping", [1.0, 0.0])
 def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, terms: str | None) -> None:
     """The low-rank item table and stacked weights are the loop's arithmetic, not an approximation:
@@ -196,7 +197,9 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, term
         # the future targets on each user's last two prefixes
         recent = [sequence[-2:].tolist() for sequence in sequences]
         heads = None
-        if terms:
+        if terms == "cl4srec":  # its augmentations come from each user's stream, mask items included
+            model = CL4SRec(CL4SRecConfig(**sizes, cl_weight=0.2))
+        elif terms:
             model = LUMOS(LUMOSConfig(**sizes, **LUMOS_TERMS[terms]))
             # views of different lengths, one user without a future view, one without a paraphrase
             user_views = [
@@ -229,14 +232,18 @@ def test_batched_training_is_each_users_own_sgd_in_float64(clipping: float, term
         for user, sequence in enumerate(sequences):
             model.load_state_dict(initial)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            rng = np.random.default_rng([1, user])
+            inputs = {"rng": rng} if terms == "cl4srec" else None
+            if user_views:
+                inputs = {"views": UserViews([user_views[user]], [recent[user]])}
             loss, _ = train_epochs(
                 model,
                 optimizer,
                 PrefixSamples([sequence], 8),
-                rng=np.random.default_rng([1, user]),
+                rng=rng,
                 device=torch.device("cpu"),
                 max_grad_norm=clipping,
-                loss_inputs={"views": UserViews([user_views[user]], [recent[user]])} if user_views else None,
+                loss_inputs=inputs,
                 **settings,
             )
             losses.append(loss)

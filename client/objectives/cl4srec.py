@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.app import Context
 
@@ -23,3 +25,7 @@ class CL4SRecObjective(Objective):
         self, model: SASRec, node: NodeData, context: Context, rng: np.random.Generator, owner: str = ""
     ) -> dict[str, object]:
         return {"rng": rng}
+
+    def batched_refusal(self, run_config: Mapping) -> str | None:
+        """Cohorts train CL4SRec batched: each user's augmentations from its own stream, as alone."""
+        return None
