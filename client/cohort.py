@@ -383,7 +383,9 @@ class _GroupPass:
         ]
 
 
-def _info_nce(anchor: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor, tau: float, hard=None):
+def _info_nce(
+    anchor: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor, tau: float, hard: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per user, :func:`lumosrec.models.losses.info_nce` over its kept rows ``(G, rows)`` of
     ``anchor`` and ``positive`` ``(G, rows, d)`` (the other kept rows' positives are the
     negatives, ``hard`` one more per row): ``(G,)``, 0 for a user without a kept row."""
@@ -422,51 +424,41 @@ class _ViewContrast:
             prefixes.append(lengths[picked])
             users = torch.full((len(picked),), u, dtype=torch.long)
             sequences.append(model.view_sequences(items[picked], lengths[picked], users, views))
-        names = list(sequences[0])
+        names, size, rows = list(sequences[0]), len(step.group), max(map(len, chosen))
         # a future view cut at max-len shifts its prefix's positions: encoded whole
         continued = "future" not in names or all(
             bool((row_views["future"][1] == prefix + int(views.lengths["future"][u])).all())
             for u, prefix, row_views in zip(step.group, prefixes, sequences)
         )
-        # where each view sequence departs from its prefix: the future view after it, the others
-        # where their items replace its tail
+        # per user, view after view, each contrastive row's tokens to encode (padded to ``rows``), from
+        # where its view sequence departs from its prefix: the future view after it, the others where
+        # their items replace its tail (when continued; from the start otherwise)
         tokens, starts = [], []
-        for u, prefix, row_views in zip(step.group, prefixes, sequences):
-            rows, begins = [], []
-            for name, (seq, seq_lengths, _) in row_views.items():
+        present = torch.zeros(size, len(names), rows, dtype=torch.bool)  # the row is real and has the view
+        empty = np.zeros(0, dtype=np.int64)
+        for g, (u, prefix, row_views) in enumerate(zip(step.group, prefixes, sequences)):
+            user_tokens, user_starts = [], []
+            for v, (name, (seq, seq_lengths, has)) in enumerate(row_views.items()):
                 begin = prefix if name == "future" else prefix - prefix.clamp(max=int(views.lengths[name][u]))
-                begin = begin if continued else torch.zeros_like(begin)
-                rows += [seq[r, int(begin[r]) : int(seq_lengths[r])].numpy() for r in range(len(prefix))]
-                rows += [np.zeros(0, dtype=np.int64)] * (max(map(len, chosen)) - len(prefix))
-                begins += begin.tolist() + [0] * (max(map(len, chosen)) - len(prefix))
-            tokens.append(rows)
-            starts.append(begins)
-        size, rows = len(step.group), max(map(len, chosen))
+                begin = begin.tolist() if continued else [0] * len(prefix)
+                user_tokens += [seq[r, begin[r] : int(seq_lengths[r])].numpy() for r in range(len(prefix))]
+                user_tokens += [empty] * (rows - len(prefix))
+                user_starts += begin + [0] * (rows - len(prefix))
+                present[g, v, : len(prefix)] = has
+            tokens.append(user_tokens)
+            starts.append(user_starts)
+        anchor_rows = torch.tensor([picked.tolist() + [0] * (rows - len(picked)) for picked in chosen], device=device)
         local, lengths, emb, used = step.embed(self.own, tokens)
         if continued:
-            anchor_rows = [picked.tolist() + [0] * (rows - len(picked)) for picked in chosen]
-            context_rows = torch.tensor([[0] * rows if step.whole else r for r in anchor_rows], device=device)
-            hidden = _encode_continuations(
-                step.p,
-                step.config,
-                used,
-                torch.tensor(starts, device=device),
-                step.context,
-                context_rows.repeat(1, len(names)),
-                step.training,
-            )
+            context_rows = (torch.zeros_like(anchor_rows) if step.whole else anchor_rows).repeat(1, len(names))
+            start = torch.tensor(starts, device=device)
+            hidden = _encode_continuations(step.p, step.config, used, start, step.context, context_rows, step.training)
         else:
             hidden = _encode_positions(step.p, step.config, used, step.training)
-        present = torch.zeros(size, len(names), rows, dtype=torch.bool)  # the row is real and has the view
-        anchor_rows = torch.zeros(size, rows, dtype=torch.long)
-        for g, (picked, row_views) in enumerate(zip(chosen, sequences)):
-            anchor_rows[g, : len(picked)] = picked
-            for v, (_, _, has) in enumerate(row_views.values()):
-                present[g, v, : len(picked)] = has
         encoded = _project(step.head, step.last(hidden, lengths))
         z = dict(zip(names, encoded.view(size, len(names), rows, -1).unbind(1)))
         has = dict(zip(names, present.to(device).unbind(1)))
-        anchor = _project(step.head, step.anchors[torch.arange(size, device=device)[:, None], anchor_rows.to(device)])
+        anchor = _project(step.head, step.anchors[torch.arange(size, device=device)[:, None], anchor_rows])
         total = step.anchors.new_zeros(size)
         hard = z.get("counterfactual")
         for name, weight in (("future", model.config.lambda_future), ("paraphrase", model.config.lambda_paraphrase)):
