@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from lumosrec.client.cohort import train_batched
+from lumosrec.client.objectives import OBJECTIVES
 from lumosrec.core.batching import PrefixSamples
 from lumosrec.core.data import load_data
 from lumosrec.core.evaluation import leave_one_out
@@ -34,10 +36,10 @@ from lumosrec.models.cl4srec import CL4SRec, CL4SRecConfig
 from lumosrec.models.lumos import LUMOS, VIEW_NAMES, LUMOSConfig, UserViews
 from lumosrec.models.sasrec import SASRec, SASRecConfig
 
-#: LUMOS's terms in the LUMOS rows: every view's, at the table's weights (experiments/table_main.py)
-ALL_TERMS = dict(
-    lambda_future=0.02, lambda_paraphrase=0.02, future_target_weight=1.0, counterfactual_negative_weight=1.0
-)
+if __package__ in (None, ""):  # run as a script: the ablation base's terms come from the sibling script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.table_main import ALL_TERMS
+
 VIEW_LENGTH = 5
 
 
@@ -137,7 +139,7 @@ def timing(data_root: Path, dataset_name: str, users: int, loop_users: int, gflo
     torch.manual_seed(0)
     lumos = objective == "lumos-all-terms"
     if lumos:
-        config = LUMOSConfig(num_items=dataset.num_items, **ALL_TERMS)
+        config = LUMOSConfig(num_items=dataset.num_items, **OBJECTIVES["lumos"].hyper(ALL_TERMS))
         model = LUMOS(config)
     elif objective == "cl4srec":
         config = CL4SRecConfig(num_items=dataset.num_items)
