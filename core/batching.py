@@ -31,6 +31,24 @@ def pad_sequences(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.
     return torch.from_numpy(items), torch.from_numpy(lengths)
 
 
+def shared_prefix_rows(items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows of a left-aligned batch need their own encoder pass.
+
+    A row whose items begin another, at least as long row (a user's shorter prefix next to a
+    longer one) has, under causal attention, the hidden states of that row's first positions.
+    Returns ``roots``, the rows no other row extends (sorted), and ``source``, for every row the
+    index into ``roots`` of the longest row it begins (the lowest among equals).
+    """
+    beyond = torch.arange(items.shape[1], device=items.device)[None, :] >= lengths[:, None]
+    # begins[a, b]: row b holds row a's items at row a's positions
+    begins = ((items[:, None, :] == items[None, :, :]) | beyond[:, None, :]).all(-1)
+    begins &= lengths[None, :] >= lengths[:, None]
+    rows = torch.arange(len(items), device=items.device)
+    preference = torch.where(begins, lengths[None, :] * len(items) - rows[None, :], -1)
+    roots, source = torch.unique(preference.argmax(1), return_inverse=True)
+    return roots, source
+
+
 class PrefixSamples:
     """Every prefix of every training sequence as one (input, next item) sample.
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumosrec.core.batching import shared_prefix_rows
+
 
 @dataclass
 class SASRecConfig:
@@ -112,7 +114,19 @@ class SASRec(nn.Module):
         return hidden
 
     def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Sequence representation: the hidden state at the last real position, ``(B, d)``."""
+        """Sequence representation: the hidden state at the last real position, ``(B, d)``.
+
+        In training, a row that begins a longer row of the batch (a user's prefixes sit together
+        in its batches) is read off that row's pass, as SASRec's paper trains every position of a
+        sequence in one pass: causal attention makes it the same encoding, and with dropout the
+        two share their masks on the positions they share, which keeps each row's expected
+        gradient. Evaluation rows are distinct users and keep one pass each.
+        """
+        if self.training:
+            roots, source = shared_prefix_rows(items, lengths)
+            if len(roots) < len(items):
+                hidden = self.encode_positions(items[roots, : int(lengths[roots].max())])
+                return hidden[source, lengths - 1]
         hidden = self.encode_positions(items)
         return hidden[torch.arange(items.shape[0], device=items.device), lengths - 1]
 

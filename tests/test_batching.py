@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lumosrec.core.batching import PrefixSamples, pad_sequences
+from lumosrec.core.batching import PrefixSamples, pad_sequences, shared_prefix_rows
 
 
 def test_pad_sequences_keeps_the_last_items_left_aligned() -> None:
@@ -31,3 +31,12 @@ def test_epoch_visits_every_sample_once_in_length_buckets() -> None:
     # bucketing: a batch's lengths span much less than the data's full range
     spreads = [np.ptp(samples.lengths[b]) for b in batches[:-1]]
     assert np.median(spreads) < 0.25 * np.ptp(samples.lengths)
+
+
+def test_a_row_that_begins_a_longer_row_is_read_off_the_longest_one() -> None:
+    samples = PrefixSamples([np.array([1, 2, 3, 4, 5]), np.array([1, 2, 9])], max_len=3)
+    items, lengths, _, _ = samples.batch(np.arange(len(samples)))
+    # rows: [1] [1 2] [1 2 3] [2 3 4] (a window, positions shifted) [1] [1 2] (the second user)
+    roots, source = shared_prefix_rows(items, lengths)
+    assert roots.tolist() == [2, 3]
+    assert roots[source].tolist() == [2, 2, 2, 3, 2, 2]

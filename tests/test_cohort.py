@@ -146,12 +146,13 @@ LUMOS_INFONCE = {**LUMOS_ITEM_TERMS, "lumos-lambda-future": 0.5, "lumos-lambda-p
 @pytest.mark.parametrize(
     "clipping, rate, objective, tolerance",
     # unclipped, 0.5 diverges in both; the InfoNCE terms (1 / tau = 5) amplify float32 rounding:
-    # 6e-5 of a tensor's scale after 2 rounds, against ~1 with other heads than the loop's
+    # 3e-3 of a tensor's scale after 2 rounds (1e-13 in float64), against 0.7 with other heads
+    # than the loop's
     [
         (1.0, 0.5, {}, 1e-5),
         (0.0, 0.05, {}, 1e-5),
         (1.0, 0.5, LUMOS_ITEM_TERMS, 1e-5),
-        (1.0, 0.5, LUMOS_INFONCE, 3e-4),
+        (1.0, 0.5, LUMOS_INFONCE, 1e-2),
         (1.0, 0.5, {"objective": "cl4srec"}, 3e-4),
     ],
     ids=["clipped", "unclipped", "lumos-item-terms", "lumos-infonce", "cl4srec"],

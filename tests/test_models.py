@@ -38,6 +38,22 @@ def test_encoder_is_causal() -> None:
     assert not torch.allclose(before[:, 4], after[:, 4])
 
 
+def test_training_reads_a_users_prefixes_off_one_pass() -> None:
+    model = _model(dropout=0.0).double().train()
+    samples = PrefixSamples([np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]), np.array([4, 5, 6])], max_len=8)
+    items, lengths, _, _ = samples.batch(np.arange(len(samples)))
+    encoded_rows = []
+    model.layers[0].register_forward_pre_hook(lambda _, inputs: encoded_rows.append(inputs[0].shape[0]))
+    together = model.encode(items, lengths)
+    # the first user's 8 prefixes that fit in max_len share one pass, its 2 windows (ends 9 and
+    # 10, positions shifted) have their own, the second user's 2 prefixes share one
+    assert encoded_rows == [1 + 2 + 1]
+    alone = torch.cat(
+        [model.encode_positions(items[row : row + 1, : lengths[row]])[:, -1] for row in range(len(items))]
+    )
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+
+
 def test_sasrec_learns_a_deterministic_cycle() -> None:
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(num_items=10, max_len=8, hidden_size=32, inner_size=64, dropout=0.1))
