@@ -10,7 +10,7 @@ compute floor (transformer and softmax FLOPs of a user-visit over a measured mat
 The same on Beauty for LUMOS with every view term on (item-level and tri-view InfoNCE, as the
 table's ablation base "all views, both levels"), over random 5-item views (what a view costs is
 its length, not its items), and for CL4SRec (Fed-CL4SRec's local objective). The loop is also
-timed with one encoder pass per prefix (:func:`encode_each_row`, the loop before 2026-12-05), against
+timed with one encoder pass per prefix (``SASRec.encode_each_row``, the loop before 2026-12-05), against
 its reading a user's prefixes off one pass::
 
     python experiments/bench_cohort_engine.py --data-root ../shared/data --out results/cohort_engine
@@ -22,7 +22,6 @@ import argparse
 import copy
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,7 @@ def train_loop(
     one encoder pass per prefix instead of reading a user's prefixes off one pass."""
     initial, local = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
     if per_prefix:
-        local.encode = types.MethodType(encode_each_row, local)
+        local.encode = local.encode_each_row
     weights = np.array([len(s) - 1 for s in sequences], dtype=float)
     weights /= weights.sum()
     mean = {name: torch.zeros_like(value) for name, value in initial.items()}
@@ -83,11 +82,6 @@ def train_loop(
         for name, value in local.state_dict().items():
             mean[name] += float(weight) * value
     return mean
-
-
-def encode_each_row(model: SASRec, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """One encoder pass per row, as evaluation encodes (the loop's training before 2026-12-05)."""
-    return model.encode_positions(items)[torch.arange(len(items)), lengths - 1]
 
 
 def difference(cohort: dict, loop: dict, initial: dict) -> float:

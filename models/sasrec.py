@@ -127,6 +127,10 @@ class SASRec(nn.Module):
             if len(roots) < len(items):
                 hidden = self.encode_positions(items[roots, : int(lengths[roots].max())])
                 return hidden[source, lengths - 1]
+        return self.encode_each_row(items, lengths)
+
+    def encode_each_row(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` with one pass per row, whatever the rows share."""
         hidden = self.encode_positions(items)
         return hidden[torch.arange(items.shape[0], device=items.device), lengths - 1]
 
