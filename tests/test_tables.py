@@ -3,10 +3,12 @@ checked against seed noise, also seed by seed."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
-from experiments.table_main import ROWS, earlier_seeds_kept, rows_of
+from experiments.table_main import ROWS, earlier_seeds_kept, rows_of, seeds_of
 from lumosrec.launch.tables import MAIN_METRICS, PROTOCOL, gain, paired_gain, pooled, summarize, summary_of
 
 
@@ -35,6 +37,17 @@ def test_each_dataset_plans_only_the_rows_that_mean_something_there() -> None:
     # without item text: no text-initialised table and no LLM views
     assert all("text" not in row and "llm" not in row for row in rows_of("amazon-baby", every))
     assert {"fedavg-sasrec", "lumos"} <= set(rows_of("amazon-baby", every))
+
+
+def test_the_issues_rows_get_every_seed_and_side_rows_one() -> None:
+    args = types.SimpleNamespace(seeds=[2024, 2025, 2026])
+    assert seeds_of("ml-100k", "lumos-text-init", args) == [2024, 2025, 2026]
+    assert seeds_of("ml-100k", "fedadam-sasrec", args) == [2024, 2025, 2026]
+    assert seeds_of("ml-100k", "lumos-llm-all-text-init", args) == [2024]
+    # a row that is a side question on one dataset keeps the dataset's seeds on another
+    assert seeds_of("amazon-beauty", "lumos-llm-all-text-init", args) == [2024, 2025]
+    assert seeds_of("amazon-beauty", "lumos-llm", args) == [2024]
+    assert seeds_of("amazon-beauty", "local-sasrec", args) == [2024]
 
 
 def _seed(value: float) -> dict[str, float]:
