@@ -137,7 +137,8 @@ def train_batched(
     node; default: the change itself). ``update_factors`` multiply each user's update (a
     simulated attacker's, :func:`lumosrec.client.threats.update_factor`; default: all 1)."""
     item_terms = None
-    if views is not None:
+    # with no item-level term on, the terms are a constant zero that autograd cannot differentiate
+    if views is not None and model.config.item_level:
 
         def item_terms(log_probs: torch.Tensor, users: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return model.view_item_terms(log_probs, users, targets, views)

@@ -23,4 +23,5 @@ class ConfigError(LumosError):
 
 
 class FederationError(LumosError):
-    """The federation cannot go on as configured (too few nodes connected); it resumes later."""
+    """The federation cannot go on as configured (too few nodes connected, every node raising); it
+    resumes later."""

@@ -46,8 +46,8 @@ from lumosrec.core.batching import pad_sequences
 from lumosrec.core.data import load_data
 from lumosrec.core.dataset import Dataset
 from lumosrec.core.errors import LumosError
-from lumosrec.core.results import environment, read_result, write_json
-from lumosrec.launch.experiment import Budget, run_method
+from lumosrec.core.results import environment, write_json
+from lumosrec.launch.experiment import Budget, finished_result, run_method
 from lumosrec.launch.tables import PROTOCOL, read_earlier_report, slug
 from lumosrec.models.factory import build_model
 
@@ -160,12 +160,13 @@ def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) 
     for dataset, method, aggregator, threat, level in plan(args):
         folder = run_dir(args, dataset, method, aggregator, threat, level)
         key = (dataset, method, aggregator, threat, level, args.seed)
-        if (folder / "result.json").is_file():
+        result = finished_result(folder)
+        if result is not None:
             if dataset not in targets:
                 data = load_data(str(args.data_root / dataset))
                 targets[dataset] = (data, target_item({"seed": args.seed}, data))
             data, target = targets[dataset]
-            test = read_result(folder / "result.json")["test"][PROTOCOL]
+            test = result["test"][PROTOCOL]
             row = {
                 "dataset": dataset,
                 "method": method,

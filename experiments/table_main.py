@@ -43,9 +43,9 @@ from lumosrec.client.objectives import FEDERATED_METHODS
 from lumosrec.core.data import load_data
 from lumosrec.core.dataset import sample_users
 from lumosrec.core.errors import LumosError
-from lumosrec.core.results import read_result, write_json
+from lumosrec.core.results import write_json
 from lumosrec.core.runconfig import parse_run_config
-from lumosrec.launch.experiment import Budget, run_method
+from lumosrec.launch.experiment import Budget, finished_result, run_method
 from lumosrec.launch.tables import (
     MAIN_METRICS,
     PROTOCOL,
@@ -245,12 +245,13 @@ def load_runs(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     found: dict[str, dict[str, list[dict]]] = {}
     for dataset, row, seed in plan(args):
         folder = run_folder(args.out, dataset, row, seed)
-        if (folder / "result.json").is_file():
+        result = finished_result(folder)
+        if result is not None:
             found.setdefault(dataset, {}).setdefault(row, []).append(
                 {
                     "seed": seed,
                     "folder": folder,
-                    "result": read_result(folder / "result.json"),
+                    "result": result,
                     "metrics": json.loads((folder / "metrics.json").read_text()),
                 }
             )
@@ -479,7 +480,8 @@ def plot_curves(found: dict, out: Path) -> list[Path]:
 
 
 def missing_runs(args: argparse.Namespace, payloads: Mapping[str, Mapping]) -> list[str]:
-    """Planned runs with neither a finished folder nor a row (with that seed) in ``payloads``."""
+    """Planned runs with neither a finished folder (failed replies: unfinished) nor a row (with that
+    seed) in ``payloads``."""
 
     def reported(dataset: str, row: str, seed: int) -> bool:
         return any(seed in table.get(dataset, {}).get(row, {}).get("seeds", ()) for table in payloads.values())
@@ -487,7 +489,7 @@ def missing_runs(args: argparse.Namespace, payloads: Mapping[str, Mapping]) -> l
     return [
         f"{dataset} / {row} / seed {seed}"
         for dataset, row, seed in plan(args)
-        if not (run_folder(args.out, dataset, row, seed) / "result.json").is_file() and not reported(dataset, row, seed)
+        if finished_result(run_folder(args.out, dataset, row, seed)) is None and not reported(dataset, row, seed)
     ]
 
 

@@ -12,7 +12,8 @@ Every method of a comparison gets the same :class:`Budget`, the same split, mode
 evaluation. Federated methods run the real ServerApp and ClientApp, in this process
 (:mod:`lumosrec.launch.inprocess`, the default: same arithmetic, no Ray) or on Flower's Ray
 simulation (``engine="flower"``). A run whose folder already holds ``result.json`` is not run
-again, and an interrupted federated run resumes from its checkpoint.
+again, and an interrupted federated run resumes from its checkpoint. A simulated client fails only
+for a cause to fix, so a run with failed or rejected replies is an error here, not a result.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lumosrec.launch.inprocess import run_in_process
 from lumosrec.launch.local import METHOD as LOCAL
 from lumosrec.launch.local import run_local
 from lumosrec.launch.simulate import simulate
+from lumosrec.launch.supervise import RunError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,49 @@ def run_method(
     out = Path(out).resolve()
     if (out / "result.json").is_file():
         log.info("%s: already finished, reusing %s", method, out / "result.json")
-        return read_result(out / "result.json")
+        return _counted(read_result(out / "result.json"), out)
+    return _counted(_run(method, data, out, seed, budget, run_config, engine, progress, sracl), out)
+
+
+def failed_replies(result: Mapping) -> str | None:
+    """What went wrong in a finished federated run (failed or rejected client replies), or None."""
+    failures = int(result.get("failures", 0))
+    if not failures:
+        return None
+    return f"{failures} client replies failed or were rejected, {int(result.get('skipped_rounds', 0))} rounds skipped"
+
+
+def finished_result(folder: str | Path) -> dict | None:
+    """The ``result.json`` of the run in ``folder`` if it finished without failed replies (see
+    :func:`failed_replies`; such a run is none of a table's results), else None."""
+    path = Path(folder) / "result.json"
+    if not path.is_file():
+        return None
+    result = read_result(path)
+    return None if failed_replies(result) else result
+
+
+def _counted(result: dict, out: Path) -> dict:
+    problem = failed_replies(result)
+    if problem:
+        raise RunError(
+            f"{out}: {problem}; the log and metrics.json say which and why. Not a result to compare: fix the "
+            "cause, remove the folder and run again"
+        )
+    return result
+
+
+def _run(
+    method: str,
+    data: str,
+    out: Path,
+    seed: int,
+    budget: Budget,
+    run_config: Mapping[str, object] | None,
+    engine: str,
+    progress: bool,
+    sracl: SRACLSettings | None,
+) -> dict:
     config = {**(run_config or {}), "data": data, "seed": seed, "out-dir": str(out)}
     if method in CENTRALIZED_METHODS:
         return _centralized(method, config, budget, progress, sracl or SRACLSettings())

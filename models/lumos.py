@@ -90,6 +90,11 @@ class LUMOSConfig(SASRecConfig):
         """Whether any InfoNCE term is on (each costs encoder passes over the views)."""
         return self.lambda_future > 0 or self.lambda_paraphrase > 0
 
+    @property
+    def item_level(self) -> bool:
+        """Whether any item-level view term is on (future targets, counterfactual unlikelihood)."""
+        return self.future_target_weight > 0 or self.counterfactual_negative_weight > 0
+
 
 class UserViews:
     """The views of the users of one node as padded item tables, row ``u`` for user ``u``.
@@ -310,7 +315,7 @@ class LUMOS(SASRec):
         logits[:, 0] = -torch.inf
         log_probs = torch.log_softmax(logits, -1)
         loss = F.nll_loss(log_probs, targets)
-        if config.future_target_weight > 0 or config.counterfactual_negative_weight > 0:
+        if config.item_level:
             loss = loss + self.view_item_terms(log_probs, users, targets, views).mean()
         if not self._active_views():
             return loss

@@ -158,6 +158,8 @@ class Exchange:
     failures: int = 0  # error replies and rejected replies
     rejected: int = 0  # replies that failed a check (:mod:`lumosrec.server.validation`)
     accepted: int = 0  # replies that passed every check
+    errors: int = 0  # error replies: the node's ClientApp raised
+    first_error: str = ""  # the first error reply's reason
     seconds: float = 0.0  # aggregation time
 
 
@@ -243,6 +245,9 @@ def _train(
             if examples is None:
                 exchange.failures += 1
                 exchange.rejected += not reply.has_error()
+                if reply.has_error():
+                    exchange.errors += 1
+                    exchange.first_error = exchange.first_error or reply.error.reason
                 continue
             exchange.accepted += 1
             if examples > 0:  # 0: a cohort none of whose users was drawn
@@ -385,6 +390,14 @@ def run_rounds(grid: Grid, context: Context) -> dict:
         aggregated, train_metrics, trained = _train(
             grid, context, strategy, server_round, arrays, config, limits, secure
         )
+        if trained.sampled and trained.errors == trained.sampled:
+            # the same code raising on every node is a cause to fix, not a round to skip (a
+            # network's losses are missing replies, and a few failing nodes still leave a round)
+            raise FederationError(
+                f"round {server_round}: all {trained.sampled} sampled nodes raised in training, the first with "
+                f"{trained.first_error}; the run stopped after round {server_round - 1} and resumes from its "
+                "checkpoint once the cause is fixed"
+            )
         updated, skipped = _next_model(aggregated, trained, int(run["min-nodes"]), limits)
         if skipped:
             log.warning("round %d skipped, the global model is unchanged: %s", server_round, skipped)

@@ -177,6 +177,10 @@ LUMOS_TERMS = {
     "lumos-infonce": dict(
         future_target_weight=0.5, counterfactual_negative_weight=2.0, lambda_future=0.5, lambda_paraphrase=0.3
     ),
+    # the "sequence-level only" ablation: no item-level term to differentiate
+    "lumos-infonce-only": dict(
+        future_target_weight=0.0, counterfactual_negative_weight=0.0, lambda_future=0.5, lambda_paraphrase=0.3
+    ),
 }
 
 

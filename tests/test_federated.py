@@ -506,6 +506,47 @@ def test_a_round_neither_waits_forever_for_nodes_nor_for_replies(data_dir: Path,
     assert time.monotonic() - started < 30
 
 
+def _raising_client(nodes: set[int], rounds: set[int]) -> ClientApp:
+    """Lumos's ClientApp, except that ``nodes`` raise in training in ``rounds``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        if context.node_id in nodes and int(message.content["config"]["server-round"]) in rounds:
+            raise RuntimeError("broken objective")
+        return client_app(message, context)
+
+    app.evaluate()(client_app)
+    return app
+
+
+def test_a_run_stops_when_every_node_raises_and_no_failed_reply_counts_as_a_result(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from lumosrec.core.errors import FederationError
+    from lumosrec.launch.experiment import finished_result, run_method
+    from lumosrec.launch.inprocess import run_in_process
+    from lumosrec.launch.supervise import RunError
+
+    run = {**SMALL_FEDERATION, "data": str(data_dir), "out-dir": str(tmp_path / "all"), "resume": True}
+    with pytest.raises(
+        FederationError,
+        match=r"round 2: all 3 sampled nodes raised in training, the first with "
+        r"RuntimeError\('broken objective'\); the run stopped after round 1",
+    ):
+        run_in_process(run, _raising_client({1, 2, 3}, {2}))
+    assert [row["round"] for row in json.loads((tmp_path / "all" / "metrics.json").read_text())] == [1]
+    # the cause fixed, the run resumes after its last good round
+    assert run_in_process(run)["epochs"] == 2
+
+    # one node raising once leaves the rounds going, but the run is no result to compare
+    run = {**run, "out-dir": str(tmp_path / "one")}
+    result = run_in_process(run, _raising_client({2}, {1}))
+    assert result["epochs"] == 2 and result["failures"] == 1 and finished_result(tmp_path / "one") is None
+    with pytest.raises(RunError, match="1 client replies failed or were rejected, 0 rounds skipped"):
+        run_method("fedavg-sasrec", str(data_dir), tmp_path / "one")
+
+
 def test_the_server_can_start_the_item_table_from_the_catalogs_text(data_dir: Path, tmp_path: Path) -> None:
     from lumosrec.launch.inprocess import run_in_process
 
