@@ -13,7 +13,7 @@ evaluation. Federated methods run the real ServerApp and ClientApp, in this proc
 (:mod:`lumosrec.launch.inprocess`, the default: same arithmetic, no Ray) or on Flower's Ray
 simulation (``engine="flower"``). A run whose folder already holds ``result.json`` is not run
 again, and an interrupted federated run resumes from its checkpoint. A simulated client fails only
-for a cause to fix, so a run with failed or rejected replies is an error here, not a result.
+for a cause to fix, so a run with failed replies is an error here, not a result.
 """
 
 from __future__ import annotations
@@ -104,11 +104,15 @@ def run_method(
 
 
 def failed_replies(result: Mapping) -> str | None:
-    """What went wrong in a finished federated run (failed or rejected client replies), or None."""
-    failures = int(result.get("failures", 0))
-    if not failures:
+    """What went wrong in a finished federated run, or None: client replies that were errors or
+    never came. Replies the server's checks rejected are its defence at work (a simulated
+    attacker's), part of what a run measures."""
+    failed = int(result.get("failures", 0)) - int(result.get("rejected", 0))
+    if failed <= 0:
         return None
-    return f"{failures} client replies failed or were rejected, {int(result.get('skipped_rounds', 0))} rounds skipped"
+    return (
+        f"{failed} client replies failed (raised or never came), {int(result.get('skipped_rounds', 0))} rounds skipped"
+    )
 
 
 def finished_result(folder: str | Path) -> dict | None:

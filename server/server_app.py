@@ -504,6 +504,7 @@ def _result(run: Mapping, dataset_name: str, run_dir: RunDirectory, privacy: dic
         "test": best.get("test", {}),
         "final_test": evaluated[-1]["test"] if evaluated else {},
         "failures": sum(r["train_failures"] + r.get("eval_failures", 0) for r in run_dir.history),
+        "rejected": sum(r["train_rejected"] + r.get("eval_rejected", 0) for r in run_dir.history),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in run_dir.history),
         **({"dp": privacy} if privacy is not None else {}),
         **({"local_dp": local_dp_spent(run, len(run_dir.history))} if local_dp_on(run) else {}),

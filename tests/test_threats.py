@@ -107,12 +107,15 @@ def test_promoters_push_the_target_into_other_users_top_20(small_catalog: Path, 
     dataset = load_data(str(small_catalog))
     target = cold_item(dataset, 2024)
     budget = Budget(rounds=5, fraction_train=1.0, local_epochs=3)
-    small = {"hidden-size": 16, "inner-size": 32, "cohort-size": 20, "eval-every": 5}
+    # a deployment's bound on a reply's samples: the simulated one (the most a node holds of the
+    # real data) rejects a cohort whose attackers add their fabricated sequences
+    small = {"hidden-size": 16, "inner-size": 32, "cohort-size": 20, "eval-every": 5, "max-reply-examples": 100000}
     exposure = {}
     for name, threat in {"clean": {}, "promoted": {"malicious-share": 0.3, "malicious-attack": "promote"}}.items():
-        run_method(
+        result = run_method(
             "fedavg-sasrec", str(small_catalog), tmp_path / name, 2024, budget, {**small, **threat}, progress=False
         )
+        assert result["failures"] == 0 and result["skipped_rounds"] == 0  # every update counted
         exposure[name] = target_exposure(tmp_path / name / "model.pt", dataset, target)
     assert exposure["clean"] < 0.1 and exposure["promoted"] > exposure["clean"] + 0.15
 
