@@ -480,17 +480,13 @@ def plot_curves(found: dict, out: Path) -> list[Path]:
 
 
 def missing_runs(args: argparse.Namespace, payloads: Mapping[str, Mapping]) -> list[str]:
-    """Planned runs with neither a finished folder (failed replies: unfinished) nor a row (with that
-    seed) in ``payloads``."""
+    """Planned runs without a row (with that seed) in ``payloads``, which hold every run finished
+    here (:func:`load_runs`) and every earlier one."""
 
     def reported(dataset: str, row: str, seed: int) -> bool:
         return any(seed in table.get(dataset, {}).get(row, {}).get("seeds", ()) for table in payloads.values())
 
-    return [
-        f"{dataset} / {row} / seed {seed}"
-        for dataset, row, seed in plan(args)
-        if finished_result(run_folder(args.out, dataset, row, seed)) is None and not reported(dataset, row, seed)
-    ]
+    return [f"{dataset} / {row} / seed {seed}" for dataset, row, seed in plan(args) if not reported(dataset, row, seed)]
 
 
 def read_earlier(path: Path | None) -> dict:

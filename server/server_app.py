@@ -244,10 +244,11 @@ def _train(
             examples = _accept(reply, "train", server_round, lambda c: validation.check_train_reply(c, limits))
             if examples is None:
                 exchange.failures += 1
-                exchange.rejected += not reply.has_error()
                 if reply.has_error():
                     exchange.errors += 1
                     exchange.first_error = exchange.first_error or reply.error.reason
+                else:
+                    exchange.rejected += 1
                 continue
             exchange.accepted += 1
             if examples > 0:  # 0: a cohort none of whose users was drawn
