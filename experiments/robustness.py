@@ -25,7 +25,7 @@ is scored (attackers' true histories included). The budget is smaller than the t
 writes ``docs/results/robustness/report.md`` and ``robustness.json`` over every finished run of the
 study, whichever invocation made it (rows with ``dataset``,
 ``method``, ``aggregator``, ``threat``, ``level``, ``hr20``, ``hr20_drop``, ``ndcg20``,
-``ndcg20_drop``, ``target_exposure``). Run folders are not kept with the code (they are large and
+``ndcg20_drop``, ``target_exposure``, ``rejected``: replies the server's checks refused). Run folders are not kept with the code (they are large and
 hold data): ``--earlier docs/results/robustness/robustness.json`` takes the runs that have no folder
 here from an earlier report's rows (marked "earlier" and keeping their own versions) and does not
 make them again, so the study is completed on another machine (runs are deterministic per seed on
@@ -178,6 +178,9 @@ def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) 
                 "ndcg20": test["NDCG@20"],
                 "target_item": target,
                 "target_exposure": target_exposure(folder / "model.pt", data, target),
+                # replies the server's checks refused: a simulated attacker's can exceed the bound on
+                # a node's examples that the server derives from the honest data
+                "rejected": int(result.get("rejected", 0)),
                 "folder": str(folder),
                 "versions": versions,
             }
@@ -210,22 +213,24 @@ def report(args: argparse.Namespace, rows: list[dict], budget: Budget, command: 
         f"{budget.fraction_train:g} of the clients x {budget.local_epochs} local epochs, seed {args.seed}. "
         "Test HR@20 / NDCG@20 (unmasked, all users, at the round of the best validation MRR@10), their change "
         "against the clean run of the same method and aggregator, and the promoted item's exposure (share of "
-        f"users whose top {TOP} holds it)."
+        f"users whose top {TOP} holds it). 'rejected': client replies the server's checks refused "
+        "(`server/validation.py`; '-' for rows recorded before the count was)."
         + (
             f" Rows marked 'earlier' come from `{args.earlier}` (their run folders are not on this machine)."
             if args.earlier
             else ""
         ),
         "",
-        "| dataset | method | aggregator | threat | level | HR@20 | change | NDCG@20 | change | target exposure |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | method | aggregator | threat | level | HR@20 | change | NDCG@20 | change | target exposure "
+        "| rejected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         method = row["method"] + (" (earlier)" if row.get("earlier") else "")
         lines.append(
             f"| {row['dataset']} | {method} | {row['aggregator']} | {row['threat']} | {row['level']:g} | "
             f"{row['hr20']:.4f} | {_drop(row['hr20_drop'])} | {row['ndcg20']:.4f} | {_drop(row['ndcg20_drop'])} | "
-            f"{row['target_exposure']:.4f} |"
+            f"{row['target_exposure']:.4f} | {row.get('rejected', '-')} |"
         )
     lines += ["", "## The paper's claim: LUMOS loses less than FedAvg-SASRec under FedAvg", ""]
     lines += claim_lines(rows)
