@@ -195,7 +195,6 @@ def _centralized(method: str, config: Mapping, budget: Budget, progress: bool, s
         str(run["out-dir"]),
         train,
         hyper,
-        overwrite=True,
         progress=progress,
         semantic=sracl.semantic,
         runtime=sracl.runtime,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -233,3 +237,54 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path: Path, capsys
         )
     assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "r"), "--lr", "-1", "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == "lumos: error: learning_rate must be positive, not -1.0"
+
+
+def test_the_method_runner_resumes_a_centralized_run(tmp_path: Path) -> None:
+    from lumosrec.launch.experiment import Budget
+
+    data = str(write_folder(generate(SyntheticConfig(num_users=120, seed=7)), tmp_path / "data"))
+    sizes, budget = {"hidden-size": 16, "inner-size": 32}, Budget(3, 1.0, 1)
+    first = run_method("centralized-sasrec", data, tmp_path / "run", 3, budget, sizes, progress=False)
+    (tmp_path / "run" / "result.json").unlink()  # as a run stopped before it wrote its result leaves its folder
+    before = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    resumed = run_method("centralized-sasrec", data, tmp_path / "run", 3, budget, sizes, progress=False)
+    # every epoch restored from the checkpoint (their timings too), none trained again
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == before
+    assert resumed["test"] == first["test"] and resumed["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_a_killed_local_only_run_resumes_with_the_next_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lumosrec.launch.local import LOCAL_CHECKPOINT
+
+    data = str(write_folder(generate(SyntheticConfig(num_users=100, seed=7)), tmp_path / "data"))
+
+    def command(out: Path, run_config: str = "hidden-size=16 inner-size=32") -> list[str]:
+        return [
+            *("lumos", "run", "--method", "local-sasrec", "--data", data, "--out", str(out), "--quiet"),
+            *("--rounds", "20", "--run-config", run_config),
+        ]
+
+    process = subprocess.Popen([sys.executable, "-m", "lumosrec.launch.cli", *command(tmp_path / "run")[1:]])
+    progress, deadline = tmp_path / "run" / LOCAL_CHECKPOINT, time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if progress.is_file() and json.loads(progress.read_text())["nodes_done"] >= 10:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = json.loads(progress.read_text())["nodes_done"]
+    assert 10 <= done < 100 and not (tmp_path / "run" / "result.json").exists()
+
+    # another learning rate on the stopped folder: refused, naming the setting
+    assert main(command(tmp_path / "run", "hidden-size=16 inner-size=32 learning-rate=0.2")[1:]) == 2
+    assert "other settings (learning-rate)" in capsys.readouterr().err
+    caplog.set_level(logging.INFO, logger="lumosrec.launch.local")
+    assert main(command(tmp_path / "run")[1:]) == 0
+    assert f"resumed after {done} of 100 nodes" in caplog.text  # trains only the nodes after the checkpoint's
+    assert main(command(tmp_path / "whole")[1:]) == 0
+    resumed, whole = (read_result(tmp_path / name / "result.json") for name in ("run", "whole"))
+    assert resumed["test"] == whole["test"] and resumed["valid"] == whole["valid"]
+    assert not progress.exists()
