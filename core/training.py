@@ -269,10 +269,13 @@ def _load_fit_checkpoint(path: Path, fingerprint: Mapping) -> dict:
             f"{path} cannot be read as a training checkpoint ({type(error).__name__}); "
             "delete it (or pass --overwrite) to start afresh"
         ) from error
-    if stored != dict(fingerprint):
-        changed = sorted(k for k in {*stored, *fingerprint} if stored.get(k) != fingerprint.get(k))
-        raise ConfigError(
-            f"{path} belongs to a run with other settings ({', '.join(changed)}); "
-            "use another --out, or --overwrite to start afresh"
-        )
+    check_same_settings(path, stored, fingerprint, "use another --out, or --overwrite to start afresh")
     return saved
+
+
+def check_same_settings(path: Path, stored: Mapping, current: Mapping, remedy: str) -> None:
+    """Refuse, with one line naming the settings that differ, to resume the checkpoint at ``path``
+    (written with ``stored``) under ``current`` settings."""
+    if dict(stored) != dict(current):
+        changed = sorted(k for k in {*stored, *current} if stored.get(k) != current.get(k))
+        raise ConfigError(f"{path} belongs to a run with other settings ({', '.join(changed)}); {remedy}")

@@ -34,7 +34,7 @@ from lumosrec.core.evaluation import PROTOCOLS, STAGES, RankCounts, rank_counts
 from lumosrec.core.progress import progress_bar
 from lumosrec.core.results import RunDirectory, peak_rss_mb, write_json
 from lumosrec.core.runconfig import MODEL_KEYS, model_sizes
-from lumosrec.core.training import pick_device, seed_everything, train_epochs
+from lumosrec.core.training import check_same_settings, pick_device, seed_everything, train_epochs
 from lumosrec.launch.app import check_run_config, default_run_config
 from lumosrec.models.factory import build_model
 
@@ -143,12 +143,7 @@ def _resume(path: Path, fingerprint: Mapping) -> tuple[int, Counts, float]:
         raise ConfigError(
             f"{path} cannot be read as a local run's progress ({type(error).__name__}); delete it to start afresh"
         ) from None
-    if stored != dict(fingerprint):
-        changed = sorted(key for key in {*stored, *fingerprint} if stored.get(key) != fingerprint.get(key))
-        raise ConfigError(
-            f"{path} belongs to a local run with other settings ({', '.join(changed)}); "
-            "use another output folder, or delete it to start afresh"
-        )
+    check_same_settings(path, stored, fingerprint, "use another output folder, or delete it to start afresh")
     return done, counts, seconds
 
 
