@@ -133,12 +133,13 @@ def _resume(path: Path, fingerprint: Mapping) -> tuple[int, Counts, float]:
     try:
         saved = json.loads(path.read_text())
         counts = {
-            (stage, protocol): RankCounts(np.asarray(saved["counts"][stage][protocol], dtype=np.int64), users)
+            (stage, protocol): RankCounts(
+                np.asarray(saved["counts"][stage][protocol], dtype=np.int64), int(saved["users"][stage][protocol])
+            )
             for stage in STAGES
             for protocol in PROTOCOLS
-            for users in [int(saved["users"][stage][protocol])]
         }
-        done, seconds, stored = int(saved["nodes_done"]), float(saved["seconds"]), saved["fingerprint"]
+        done, seconds, stored = int(saved["nodes_done"]), float(saved["seconds"]), dict(saved["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(
             f"{path} cannot be read as a local run's progress ({type(error).__name__}); delete it to start afresh"
