@@ -126,11 +126,15 @@ ROWS: dict[str, tuple[str, dict[str, object]]] = {
     "lumos-text-init": ("lumos", {**TEXT_INIT, **LUMOS_TEXT_INIT}),
     "lumos-fedadam-text-init": ("lumos", {**FEDADAM_TEXT_INIT, **LUMOS_TEXT_INIT}),
     "lumos-llm": ("lumos", LLM_VIEWS),
+    "lumos-llm-fedadam": ("lumos", {**FEDADAM, **LLM_VIEWS}),
     "lumos-llm-text-init": ("lumos", {**TEXT_INIT, **LUMOS_TEXT_INIT, **LLM_VIEWS}),
     "lumos-llm-all-text-init": ("lumos", {**TEXT_INIT, **LUMOS_TEXT_INIT, **LLM_VIEWS_ALL}),
 }
 #: the rows run on datasets without item text (no text init, no LLM)
 ID_ONLY_ROWS = ("fedavg-sasrec", "lumos")
+#: rows run on the named datasets only: LUMOS under FedAdam over the table FedAdam learns best, a
+#: random one on ml-100k (on Beauty that is the text-initialised one, ``lumos-fedadam-text-init``)
+ROWS_ONLY_ON = {"lumos-llm-fedadam": ("ml-100k",)}
 #: rows whose LLM writes for a subset of users on :data:`LLM_SUBSET` only
 SUBSET_ROWS = ("lumos-llm-text-init",)
 #: baselines each LUMOS row is compared against
@@ -179,11 +183,14 @@ def federated(row: str) -> bool:
 
 def rows_of(dataset: str, asked: list[str]) -> list[str]:
     """The asked rows that mean something on ``dataset``: catalogs without text have no text or LLM
-    rows, and outside :data:`LLM_SUBSET` a subset row would repeat its ``*-llm-all-*`` twin."""
+    rows, outside :data:`LLM_SUBSET` a subset row would repeat its ``*-llm-all-*`` twin, and a row of
+    :data:`ROWS_ONLY_ON` runs where it names."""
     return [
         row
         for row in asked
-        if (dataset not in ID_ONLY or row in ID_ONLY_ROWS) and (dataset in LLM_SUBSET or row not in SUBSET_ROWS)
+        if (dataset not in ID_ONLY or row in ID_ONLY_ROWS)
+        and (dataset in LLM_SUBSET or row not in SUBSET_ROWS)
+        and dataset in ROWS_ONLY_ON.get(row, (dataset,))
     ]
 
 

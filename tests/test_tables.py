@@ -34,6 +34,10 @@ def test_each_dataset_plans_only_the_rows_that_mean_something_there() -> None:
         "ml-100k", every
     )
     assert "lumos-llm-text-init" in rows_of("amazon-beauty", every)
+    # LUMOS under FedAdam over a random table: ml-100k's pairing; Beauty's is over the text table
+    assert "lumos-llm-fedadam" in rows_of("ml-100k", every) and "lumos-llm-fedadam" not in rows_of(
+        "amazon-beauty", every
+    )
     # without item text: no text-initialised table and no LLM views
     assert all("text" not in row and "llm" not in row for row in rows_of("amazon-baby", every))
     assert {"fedavg-sasrec", "lumos"} <= set(rows_of("amazon-baby", every))
