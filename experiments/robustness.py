@@ -35,6 +35,7 @@ CPU); a run folder here is resumed instead and, once finished, replaces its earl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 from pathlib import Path
@@ -46,7 +47,7 @@ from lumosrec.core.batching import pad_sequences
 from lumosrec.core.data import load_data
 from lumosrec.core.dataset import Dataset
 from lumosrec.core.errors import LumosError
-from lumosrec.core.results import environment, write_json
+from lumosrec.core.results import write_json
 from lumosrec.launch.experiment import Budget, finished_result, run_method
 from lumosrec.launch.tables import PROTOCOL, read_earlier_report, slug
 from lumosrec.models.factory import build_model
@@ -156,7 +157,6 @@ def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) 
     against the clean run of its method and aggregator."""
     rows, clean = [], {}
     targets: dict[str, tuple[Dataset, int]] = {}
-    versions = environment()
     for dataset, method, aggregator, threat, level in plan(args):
         folder = run_dir(args, dataset, method, aggregator, threat, level)
         key = (dataset, method, aggregator, threat, level, args.seed)
@@ -182,7 +182,8 @@ def collect(args: argparse.Namespace, earlier: dict[tuple, dict] | None = None) 
                 # a node's examples that the server derives from the honest data
                 "rejected": int(result.get("rejected", 0)),
                 "folder": str(folder),
-                "versions": versions,
+                # the run's own (a run made by an older commit keeps that commit's), not the reporter's
+                "versions": json.loads((folder / "config.json").read_text())["versions"],
             }
         elif key in (earlier or {}):
             row = dict(earlier[key])

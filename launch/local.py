@@ -75,7 +75,7 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
     initial = copy.deepcopy(model.state_dict())
     if done:
         log.info("%s: resumed after %d of %d nodes", METHOD, done, num_nodes)
-    started = time.perf_counter()
+    started = time.perf_counter() - seconds_before  # a resumed run goes on counting its earlier nodes' time
     nodes = progress_bar(
         range(done, num_nodes), desc="local models", unit="node", disable=not progress, initial=done, total=num_nodes
     )
@@ -98,9 +98,8 @@ def run_local(overrides: Mapping[str, object], epochs: int, progress: bool = Tru
         for stage in STAGES:
             for protocol, count in rank_counts(model, data.split, stage, int(run["max-len"]), device=device).items():
                 counts[stage, protocol] = counts[stage, protocol] + count
-        seconds = seconds_before + time.perf_counter() - started
-        _save(run_dir.path / LOCAL_CHECKPOINT, fingerprint, node + 1, counts, seconds)
-    seconds = seconds_before + time.perf_counter() - started
+        _save(run_dir.path / LOCAL_CHECKPOINT, fingerprint, node + 1, counts, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
     metrics = {stage: {protocol: counts[stage, protocol].metrics() for protocol in PROTOCOLS} for stage in STAGES}
     run_dir.log_metrics({"round": 1, "epochs": epochs, "round_seconds": seconds, **metrics})
     log.info("%s: %d nodes, %d epochs each, %.0f s", METHOD, num_nodes, epochs, seconds)

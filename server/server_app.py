@@ -155,12 +155,25 @@ class Exchange:
     """What one round's training or evaluation exchange brought back."""
 
     sampled: int = 0  # messages sent
-    failures: int = 0  # error replies and rejected replies
+    missing: int = 0  # no reply within round-timeout (under SecAgg+: no share delivered, for whatever reason)
+    errors: int = 0  # error replies: the node's ClientApp raised
     rejected: int = 0  # replies that failed a check (:mod:`lumosrec.server.validation`)
     accepted: int = 0  # replies that passed every check
-    errors: int = 0  # error replies: the node's ClientApp raised
     first_error: str = ""  # the first error reply's reason
     seconds: float = 0.0  # aggregation time
+
+    @property
+    def failures(self) -> int:
+        """Sampled nodes whose reply did not count."""
+        return self.missing + self.errors + self.rejected
+
+    def refuse(self, reply: Message) -> None:
+        """Count a reply that did not pass :func:`_accept`."""
+        if reply.has_error():
+            self.errors += 1
+            self.first_error = self.first_error or reply.error.reason
+        else:
+            self.rejected += 1
 
 
 def _accept(reply: Message, stage: str, server_round: int, check: Callable[[RecordDict], int]) -> int | None:
@@ -208,7 +221,7 @@ def _exchange(
             stage,
             run["round-timeout"],
         )
-        exchange.failures += missing
+        exchange.missing += missing
     return received
 
 
@@ -243,12 +256,7 @@ def _train(
         for reply in _exchange(grid, chunk, run, server_round, "train", exchange):
             examples = _accept(reply, "train", server_round, lambda c: validation.check_train_reply(c, limits))
             if examples is None:
-                exchange.failures += 1
-                if reply.has_error():
-                    exchange.errors += 1
-                    exchange.first_error = exchange.first_error or reply.error.reason
-                else:
-                    exchange.rejected += 1
+                exchange.refuse(reply)
                 continue
             exchange.accepted += 1
             if examples > 0:  # 0: a cohort none of whose users was drawn
@@ -278,7 +286,7 @@ def _secure_train(
     mean, delivered = secure_train(
         grid, context, messages, arrays, context.run_config, server_round, limits.max_examples
     )
-    exchange.accepted, exchange.failures = delivered, len(messages) - delivered
+    exchange.accepted, exchange.missing = delivered, len(messages) - delivered
     if mean is None or delivered < int(context.run_config["min-nodes"]):
         exchange.seconds = time.perf_counter() - started
         return None, None, exchange
@@ -313,16 +321,15 @@ def _evaluate(
     summed, exchange = None, Exchange(sampled=len(messages))
     if secure:
         summed, exchange.accepted = secure_evaluate(grid, context, messages, run, server_round, limits.max_users)
-        exchange.failures = len(messages) - exchange.accepted
+        exchange.missing = len(messages) - exchange.accepted
         return summed, exchange
     for chunk in _chunks(messages, int(run["aggregation-chunk"])):
         valid = []
         for reply in _exchange(grid, chunk, run, server_round, "evaluate", exchange):
-            if _accept(reply, "evaluate", server_round, lambda c: validation.check_evaluate_reply(c, limits)):
-                valid.append(reply)
+            if _accept(reply, "evaluate", server_round, lambda c: validation.check_evaluate_reply(c, limits)) is None:
+                exchange.refuse(reply)
             else:
-                exchange.failures += 1
-                exchange.rejected += not reply.has_error()
+                valid.append(reply)
         exchange.accepted += len(valid)
         contents = [reply.content for reply in valid] + ([RecordDict({"metrics": summed})] if summed else [])
         summed = sum_metric_records(contents) if contents else None

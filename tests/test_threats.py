@@ -156,6 +156,14 @@ def test_the_robustness_study_completes_an_earlier_report(tmp_path: Path) -> Non
     text = (report_dir / "report.md").read_text()
     assert "| ml-100k | lumos (earlier) | fedavg | clean |" in text and "/ml-100k/lumos/fedavg/promote-0.2/" not in text
     assert f"| {rows[3]['target_exposure']:.4f} | {rows[3]['rejected']} |" in text and "| 0.0000 | - |" in text
+    # a report written later gives each row the versions its run recorded, not the reporter's
+    config_path = Path(rows[3]["folder"]) / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "versions": {**config["versions"], "source": "an older commit"}}))
+    done = subprocess.run([*command, "--report-only"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((report_dir / "robustness.json").read_text())
+    assert rows[3]["versions"]["source"] == "an older commit" != rows[1]["versions"]["source"]
 
 
 @pytest.mark.parametrize(
